@@ -1,0 +1,25 @@
+"""attnopt: exact, fast, memory-efficient attention for large language models."""
+
+from . import masks, mods
+from ._dispatch import NoBackendError
+from .api import attention, available_backends, explain
+from .masks import causal, custom, dense, document, padding, prefix_lm, sliding_window
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NoBackendError",
+    "__version__",
+    "attention",
+    "available_backends",
+    "causal",
+    "custom",
+    "dense",
+    "document",
+    "explain",
+    "masks",
+    "mods",
+    "padding",
+    "prefix_lm",
+    "sliding_window",
+]

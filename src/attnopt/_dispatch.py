@@ -1,0 +1,38 @@
+"""One priority list; select() picks the first backend with no reasons to refuse."""
+
+from __future__ import annotations
+
+from ._inputs import AttentionInputs
+from .backends._base import Backend
+from .backends.reference import ReferenceBackend
+from .backends.sdpa import SdpaBackend
+
+# Fastest first. The reference supports every valid input, so backend="auto" never fails.
+PRIORITY: list[Backend] = [SdpaBackend(), ReferenceBackend()]
+BACKENDS: dict[str, Backend] = {b.name: b for b in PRIORITY}
+
+
+class NoBackendError(NotImplementedError):
+    """A pinned backend cannot run the inputs; the message lists its reasons."""
+
+
+def reasons_by_backend(inputs: AttentionInputs) -> dict[str, list[str]]:
+    return {b.name: b.not_supported_reasons(inputs) for b in PRIORITY}
+
+
+def select(inputs: AttentionInputs, backend: str = "auto") -> Backend:
+    if backend != "auto":
+        chosen = BACKENDS[backend]
+        reasons = chosen.not_supported_reasons(inputs)
+        if reasons:
+            lines = "\n".join(f"  - {r}" for r in reasons)
+            raise NoBackendError(
+                f"backend={backend!r} cannot run these inputs ({inputs.describe()}):\n{lines}\n"
+                f"HINT: use backend='auto' (it picks a backend that can), or see attnopt.explain(...)"
+            )
+        return chosen
+    for b in PRIORITY:
+        if not b.not_supported_reasons(inputs):
+            return b
+    table = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in reasons_by_backend(inputs).items())
+    raise AssertionError(f"no backend accepted valid inputs ({inputs.describe()}):\n{table}")

@@ -1,0 +1,324 @@
+"""AttentionInputs and validate(): the one place user input is checked.
+
+After validate() returns, backends trust their inputs. Every error names the argument, the value
+received and what is allowed, prints the q/k/v shapes, and ends with a HINT line.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import masks as M
+from . import mods as Mods
+
+SIMILARITIES = ("dot", "cosine", "euclidean")
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionInputs:
+    """Validated inputs of one attention call. Shapes: q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv)."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    mask: M.Mask | None
+    mods: tuple[Mods.ScoreMod, ...]
+    similarity: str
+    scale: float
+    sinks: Tensor | None
+    dropout_p: float
+    return_lse: bool
+
+    @property
+    def B(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def Hq(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def Hkv(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def Sq(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def Sk(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def D(self) -> int:
+        return self.q.shape[3]
+
+    @property
+    def Dv(self) -> int:
+        return self.v.shape[3]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def ctx(self) -> M.MaskContext:
+        return M.MaskContext(self.B, self.Hq, self.Sq, self.Sk, self.device)
+
+    @property
+    def requires_grad(self) -> bool:
+        ts = [self.q, self.k, self.v, self.sinks]
+        return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+    def describe(self) -> str:
+        parts = [f"q {_desc(self.q)}", f"k {_desc(self.k)}", f"v {_desc(self.v)}"]
+        if self.mask is not None:
+            parts.append(f"mask={self.mask!r}")
+        if self.mods:
+            parts.append(f"score_mod={list(self.mods)!r}")
+        if self.similarity != "dot":
+            parts.append(f"similarity={self.similarity!r}")
+        if self.sinks is not None:
+            parts.append(f"sinks=({self.sinks.numel()},)")
+        if self.dropout_p:
+            parts.append(f"dropout_p={self.dropout_p}")
+        if self.return_lse:
+            parts.append("return_lse=True")
+        return ", ".join(parts)
+
+
+def _desc(t: object) -> str:
+    if isinstance(t, Tensor):
+        return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} {t.device}"
+    return type(t).__name__
+
+
+def _fail(kind: type[Exception], msg: str, q: object, k: object, v: object, hint: str) -> Exception:
+    return kind(f"{msg}\n  q {_desc(q)}, k {_desc(k)}, v {_desc(v)}\nHINT: {hint}")
+
+
+def validate(
+    q: object,
+    k: object,
+    v: object,
+    *,
+    mask: object = None,
+    score_mod: object = None,
+    similarity: object = "dot",
+    scale: object = None,
+    sinks: object = None,
+    dropout_p: object = 0.0,
+    return_lse: object = False,
+    backend: object = "auto",
+    backends: Sequence[str] = (),
+) -> AttentionInputs:
+    """Check every argument of attention(); raise TypeError/ValueError before any compute."""
+
+    def fail(kind: type[Exception], msg: str, hint: str) -> Exception:
+        return _fail(kind, msg, q, k, v, hint)
+
+    layout = "q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv)"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise fail(
+                TypeError, f"{name} must be a torch.Tensor, got {type(t).__name__}", f"pass tensors {layout}"
+            )
+    assert isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.ndim != 4:
+            raise fail(
+                ValueError,
+                f"{name}.ndim={t.ndim}; expected 4",
+                f"use the layout {layout}; for (B, S, H, D) tensors call .transpose(1, 2)",
+            )
+        if not t.dtype.is_floating_point:
+            raise fail(
+                TypeError,
+                f"{name}.dtype={t.dtype}; expected a floating dtype",
+                "use float16, bfloat16, float32 or float64",
+            )
+        if 0 in t.shape:
+            raise fail(
+                ValueError,
+                f"{name} has an empty dimension, shape {tuple(t.shape)}",
+                "every dimension must be >= 1",
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise fail(
+            TypeError, f"mixed dtypes q={q.dtype}, k={k.dtype}, v={v.dtype}", "cast q, k and v to one dtype"
+        )
+    if not (q.device == k.device == v.device):
+        raise fail(
+            ValueError,
+            f"mixed devices q={q.device}, k={k.device}, v={v.device}",
+            "move q, k and v to one device",
+        )
+    B, Hq, Sq, D = q.shape
+    if not (k.shape[0] == v.shape[0] == B):
+        raise fail(
+            ValueError,
+            f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}",
+            "q, k and v need the same batch size B",
+        )
+    if k.shape[1] != v.shape[1]:
+        raise fail(
+            ValueError, f"k has {k.shape[1]} heads but v has {v.shape[1]}", "k and v need the same Hkv"
+        )
+    Hkv = k.shape[1]
+    if Hq % Hkv:
+        raise fail(
+            ValueError,
+            f"Hq={Hq} is not a multiple of Hkv={Hkv}",
+            "grouped-query attention needs Hq % Hkv == 0 (query head h uses kv head h // (Hq // Hkv))",
+        )
+    if k.shape[2] != v.shape[2]:
+        raise fail(
+            ValueError,
+            f"k has Sk={k.shape[2]} keys but v has {v.shape[2]} values",
+            "k and v need the same sequence length",
+        )
+    if k.shape[3] != D:
+        raise fail(
+            ValueError,
+            f"head dims differ: q D={D}, k D={k.shape[3]}",
+            "q and k need the same head dim (v may differ)",
+        )
+    Sk = k.shape[2]
+    ctx = M.MaskContext(B, Hq, Sq, Sk, q.device)
+
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise fail(
+            TypeError,
+            f"dropout_p must be a float, got {type(dropout_p).__name__} {dropout_p!r}",
+            "use 0.0 <= dropout_p < 1",
+        )
+    if not (0.0 <= dropout_p < 1.0):
+        raise fail(
+            ValueError, f"dropout_p={dropout_p} is outside [0, 1)", "use 0.0 (inference) up to e.g. 0.1"
+        )
+    if not isinstance(backend, str) or (backend != "auto" and backend not in backends):
+        raise fail(
+            ValueError,
+            f"backend={backend!r} is unknown; allowed: 'auto', " + ", ".join(map(repr, backends)),
+            "use backend='auto' unless you need a specific one",
+        )
+    if not isinstance(similarity, str) or similarity not in SIMILARITIES:
+        raise fail(
+            ValueError,
+            f"similarity={similarity!r} is unknown; allowed: {SIMILARITIES}",
+            "'dot' is the usual scaled dot product",
+        )
+    if not isinstance(return_lse, bool):
+        raise fail(
+            TypeError, f"return_lse must be a bool, got {type(return_lse).__name__}", "pass True or False"
+        )
+
+    if scale is None:
+        scale_f = 1.0 / math.sqrt(D)  # the HEAD dim, not the hidden size (see docs/theory.md)
+    else:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise fail(
+                TypeError,
+                f"scale must be a number or None, got {type(scale).__name__} {scale!r}",
+                "pass a Python float (None = 1/sqrt(D))",
+            )
+        scale_f = float(scale)
+        if not (math.isfinite(scale_f) and scale_f > 0):
+            raise fail(ValueError, f"scale={scale} must be finite and > 0", "None uses 1/sqrt(D)")
+
+    mask_d = _as_mask(mask, fail)
+    if mask_d is not None:
+        problems = mask_d.check(ctx)
+        if problems:
+            raise fail(ValueError, "mask: " + "; ".join(problems), "see the attnopt.masks docstrings")
+
+    mods = _as_mods(score_mod, fail)
+    for mod in mods:
+        problems = mod.check(ctx)
+        if problems:
+            raise fail(ValueError, "score_mod: " + "; ".join(problems), "see the attnopt.mods docstrings")
+
+    if sinks is not None:
+        if not isinstance(sinks, Tensor) or not sinks.dtype.is_floating_point:
+            got = sinks.dtype if isinstance(sinks, Tensor) else type(sinks).__name__
+            raise fail(
+                TypeError,
+                f"sinks must be a floating tensor of shape (Hq,), got {got}",
+                "sinks are per-head learnable logits, e.g. torch.zeros(Hq, requires_grad=True)",
+            )
+        if tuple(sinks.shape) != (Hq,):
+            raise fail(
+                ValueError,
+                f"sinks shape {tuple(sinks.shape)}; expected (Hq,)=({Hq},)",
+                "one sink logit per query head",
+            )
+        if sinks.device != q.device:
+            raise fail(
+                ValueError, f"sinks are on {sinks.device} but q is on {q.device}", "move sinks to q's device"
+            )
+
+    return AttentionInputs(q, k, v, mask_d, mods, similarity, scale_f, sinks, float(dropout_p), return_lse)
+
+
+def _as_mask(mask: object, fail: Callable[..., Exception]) -> M.Mask | None:
+    if mask is None or isinstance(mask, M.Mask):
+        return mask
+    if isinstance(mask, Tensor):
+        if mask.dtype == torch.bool:
+            return M.dense(mask)  # SDPA users pass bool attn_mask tensors: same meaning (True = keep)
+        raise fail(
+            TypeError,
+            f"mask is a {mask.dtype} tensor; a tensor mask must be torch.bool (True = keep)",
+            "for additive float scores use score_mod=attnopt.mods.bias(tensor)",
+        )
+    if isinstance(mask, type) and issubclass(mask, M.Mask):
+        raise fail(
+            TypeError,
+            f"mask={mask.__name__} is the class, not a mask",
+            f"call it: mask=attnopt.masks.{mask.__name__}(...)",
+        )
+    if isinstance(mask, Mods.ScoreMod):
+        raise fail(
+            TypeError, f"mask={mask!r} is a score modifier, not a mask", f"pass it as score_mod={mask!r}"
+        )
+    if callable(mask):
+        return M.custom(mask)  # a FlexAttention-style mask_mod(b, h, i, j)
+    raise fail(
+        TypeError,
+        f"mask must be an attnopt.masks descriptor, got {type(mask).__name__}",
+        "e.g. mask=attnopt.masks.causal() or attnopt.masks.sliding_window(255)",
+    )
+
+
+def _as_mods(score_mod: object, fail: Callable[..., Exception]) -> tuple[Mods.ScoreMod, ...]:
+    if score_mod is None:
+        return ()
+    items = list(score_mod) if isinstance(score_mod, (list, tuple)) else [score_mod]
+    out = []
+    for m in items:
+        if isinstance(m, (type, M.Mask)):
+            raise fail(
+                TypeError,
+                f"score_mod entry {m!r} is not a score modifier instance",
+                "masks go to mask=; modifiers are instances such as attnopt.mods.softcap(30.0)",
+            )
+        if isinstance(m, Mods.ScoreMod):
+            out.append(m)
+        elif callable(m):
+            out.append(Mods.custom(m))  # a FlexAttention-style score_mod(score, b, h, i, j)
+        else:
+            raise fail(
+                TypeError,
+                f"score_mod entries must be attnopt.mods modifiers, got {type(m).__name__}",
+                "e.g. score_mod=attnopt.mods.softcap(30.0) or a list of modifiers",
+            )
+    return tuple(out)

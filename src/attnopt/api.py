@@ -1,0 +1,113 @@
+"""attention(), explain(), available_backends(): validate -> dispatch -> run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from torch import Tensor
+
+from . import _dispatch
+from ._inputs import validate
+from .masks import Mask
+from .mods import ScoreMod
+
+MaskArg = Mask | Tensor | Callable[..., Tensor] | None
+ModArg = ScoreMod | Callable[..., Tensor] | Sequence[ScoreMod | Callable[..., Tensor]] | None
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: MaskArg = None,
+    score_mod: ModArg = None,
+    similarity: str = "dot",
+    scale: float | None = None,
+    sinks: Tensor | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Exact attention ``softmax(scale · sim(q, k) + mods, masked) @ v``.
+
+    Args:
+        q: (B, Hq, Sq, D) queries; k: (B, Hkv, Sk, D) keys; v: (B, Hkv, Sk, Dv) values. Any strides
+            (non-contiguous and expanded tensors are fine); one floating dtype and one device for all
+            three; Hq % Hkv == 0 (grouped-query attention: query head h uses kv head h // (Hq // Hkv)).
+        mask: an ``attnopt.masks`` descriptor (compose with ``&`` / ``|``); a bool tensor broadcastable
+            to (B, Hq, Sq, Sk) (True = keep, as SDPA) or a FlexAttention-style ``mask_mod(b, h, i, j)``
+            are accepted too. Positional masks align the last query with the last key (bottom-right,
+            query i at position i + Sk - Sq) unless built with ``align="top_left"``.
+        score_mod: one ``attnopt.mods`` modifier, a FlexAttention-style ``score_mod(score, b, h, i, j)``,
+            or a list of them applied in order to the scaled scores.
+        similarity: "dot" (default), "cosine" (q·k / |q||k|) or "euclidean" (-|q - k|²).
+        scale: multiplies the similarity; default 1/sqrt(D) with D the head dim.
+        sinks: optional (Hq,) learnable sink logits: the softmax runs over [scores, sink[h]] and the sink
+            column is dropped. Differentiable.
+        dropout_p: dropout on the attention weights in [0, 1); reproducible under torch.manual_seed.
+        return_lse: also return the natural-log log-sum-exp of each row's softmax normalizer
+            (sink included), shape (B, Hq, Sq), float32 (float64 for float64 inputs).
+        backend: "auto" (the fastest backend that supports the inputs; see explain()) or a name from
+            available_backends(); a pinned backend never falls back silently.
+
+    Returns:
+        out (B, Hq, Sq, Dv) in the input dtype, or (out, lse) with return_lse=True. Scores and softmax
+        are computed in float32 (float64 for float64 inputs). A row whose keys are all masked gives
+        out = 0 exactly, lse = -inf and zero gradients, never NaN.
+
+    Raises:
+        TypeError / ValueError: invalid input, before any compute, naming the argument and the value.
+        NotImplementedError: a pinned backend cannot run these inputs (the message lists why).
+    """
+    inputs = validate(
+        q,
+        k,
+        v,
+        mask=mask,
+        score_mod=score_mod,
+        similarity=similarity,
+        scale=scale,
+        sinks=sinks,
+        dropout_p=dropout_p,
+        return_lse=return_lse,
+        backend=backend,
+        backends=list(_dispatch.BACKENDS),
+    )
+    out, lse = _dispatch.select(inputs, backend).forward(inputs)
+    if return_lse:
+        assert lse is not None, "a backend that declares supports_lse returned no lse"
+        return out, lse
+    return out
+
+
+def explain(q: Tensor, k: Tensor, v: Tensor, **kwargs: object) -> str:
+    """Say which backend attention(q, k, v, **kwargs) runs, how, and why each other backend does not."""
+    backend = kwargs.get("backend", "auto")
+    inputs = validate(q, k, v, **kwargs, backends=list(_dispatch.BACKENDS))  # type: ignore[arg-type]
+    reasons = _dispatch.reasons_by_backend(inputs)
+    lines = [f"attnopt.attention({inputs.describe()})"]
+    try:
+        chosen = _dispatch.select(inputs, str(backend)).name
+        lines.append(f"-> runs on '{chosen}'" + (" (pinned)" if backend != "auto" else ""))
+    except _dispatch.NoBackendError:
+        chosen = None
+        lines.append(
+            f"-> backend={backend!r} is pinned and cannot run these inputs (attention() would raise)"
+        )
+    width = max(len(n) for n in reasons)
+    for b in _dispatch.PRIORITY:
+        r = reasons[b.name]
+        if b.name == chosen:
+            status = f"chosen: {b.plan(inputs)}"
+        elif not r:
+            status = f"could run, {'not pinned' if backend != 'auto' else 'lower priority'}: {b.plan(inputs)}"
+        else:
+            status = "cannot run: " + "; ".join(r)
+        lines.append(f"  {b.name:<{width}}  {status}")
+    return "\n".join(lines)
+
+
+def available_backends() -> list[str]:
+    """Names of the backends usable on this machine, in priority order."""
+    return [b.name for b in _dispatch.PRIORITY if b.is_available()]

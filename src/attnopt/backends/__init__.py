@@ -1,0 +1,1 @@
+"""Attention backends. Each is one file with one class declaring its capabilities."""

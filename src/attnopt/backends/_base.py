@@ -1,0 +1,64 @@
+"""Backend: capabilities as class data, "why not" as a return value."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from .._inputs import AttentionInputs
+
+
+class Backend:
+    """One way to compute attention. Subclasses declare capabilities and extend not_supported_reasons()."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    device_types: ClassVar[frozenset[str] | None] = frozenset({"cpu", "cuda"})  # None = any device
+    dtypes: ClassVar[frozenset[torch.dtype]] = frozenset(
+        {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+    )
+    max_head_dim: ClassVar[int | None] = None
+    supports_backward: ClassVar[bool] = True
+    supports_dropout: ClassVar[bool] = True
+    supports_lse: ClassVar[bool] = True
+    supports_sinks: ClassVar[bool] = True
+    similarities: ClassVar[frozenset[str]] = frozenset({"dot", "cosine", "euclidean"})
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return True
+
+    def not_supported_reasons(self, inputs: AttentionInputs) -> list[str]:
+        """Every reason this backend cannot run `inputs` (empty = it can). Sentences with value, limit, fix."""
+        r: list[str] = []
+        if not self.is_available():
+            r.append(f"{self.name} is not available on this machine")
+        if self.device_types is not None and inputs.device.type not in self.device_types:
+            r.append(f"device={inputs.device.type} is not one of {sorted(self.device_types)}")
+        if inputs.dtype not in self.dtypes:
+            r.append(f"dtype={inputs.dtype} is not one of {sorted(str(d) for d in self.dtypes)}")
+        if self.max_head_dim is not None and max(inputs.D, inputs.Dv) > self.max_head_dim:
+            r.append(
+                f"head_dim={max(inputs.D, inputs.Dv)} > {self.max_head_dim} (split heads or use backend='reference')"
+            )
+        if inputs.requires_grad and not self.supports_backward:
+            r.append("inputs require grad but this backend has no backward (run under torch.no_grad())")
+        if inputs.dropout_p and not self.supports_dropout:
+            r.append(f"dropout_p={inputs.dropout_p} is not supported (use dropout_p=0.0)")
+        if inputs.return_lse and not self.supports_lse:
+            r.append("return_lse=True is not supported (this backend cannot return the log-sum-exp)")
+        if inputs.sinks is not None and not self.supports_sinks:
+            r.append("sinks are not supported")
+        if inputs.similarity not in self.similarities:
+            r.append(f"similarity={inputs.similarity!r} is not one of {sorted(self.similarities)}")
+        return r
+
+    def plan(self, inputs: AttentionInputs) -> str:
+        """One line saying how this backend would run `inputs` (for explain())."""
+        return self.description
+
+    def forward(self, inputs: AttentionInputs) -> tuple[Tensor, Tensor | None]:
+        """Return out (B, Hq, Sq, Dv) in the input dtype and, if inputs.return_lse, lse (B, Hq, Sq)."""
+        raise NotImplementedError

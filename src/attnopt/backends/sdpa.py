@@ -1,0 +1,118 @@
+"""torch's fused kernels (F.scaled_dot_product_attention) for the variants that map onto them.
+
+Native: no mask; causal (top-left, or bottom-right with Sq == Sk, Sq == 1 or Sq > Sk); a user's bool
+tensor; key padding (a (B, 1, 1, Sk) mask, O(B·Sk)); one user bias tensor; GQA (enable_gqa); dot and
+cosine similarity; dropout. Any other mask is materialized as a bool tensor (O(Sq·Sk) memory; still far
+cheaper than the dense reference, and explain() says so). Declines other score modifiers, sinks, the
+LSE and euclidean similarity.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._inputs import AttentionInputs
+from ..masks import causal, dense, padding
+from ..mods import bias
+from ._base import Backend
+
+
+class SdpaBackend(Backend):
+    """torch.nn.functional.scaled_dot_product_attention: fused CPU/GPU kernels with their own backward."""
+
+    name: ClassVar[str] = "sdpa"
+    description: ClassVar[str] = "torch fused scaled_dot_product_attention"
+    supports_lse: ClassVar[bool] = False  # the public SDPA API does not return the log-sum-exp
+    supports_sinks: ClassVar[bool] = False
+    similarities: ClassVar[frozenset[str]] = frozenset({"dot", "cosine"})
+
+    def not_supported_reasons(self, inputs: AttentionInputs) -> list[str]:
+        r = super().not_supported_reasons(inputs)
+        if any(not isinstance(mod, bias) for mod in inputs.mods) or len(inputs.mods) > 1:
+            r.append(f"score_mod={list(inputs.mods)!r}: SDPA takes at most one additive bias tensor")
+        return r
+
+    def plan(self, inputs: AttentionInputs) -> str:
+        how = _mask_plan(inputs)[1]
+        if inputs.mods:
+            how += "; the caller's bias as a float attn_mask"
+        if inputs.Hq != inputs.Hkv:
+            how += f"; enable_gqa (Hq={inputs.Hq}, Hkv={inputs.Hkv})"
+        return f"{self.description}; {how}"
+
+    def forward(self, inputs: AttentionInputs) -> tuple[Tensor, Tensor | None]:
+        q, k, v, m = inputs.q, inputs.k, inputs.v, inputs.mask
+        if inputs.similarity == "cosine":  # cosine = dot product of unit vectors
+            cd = torch.promote_types(q.dtype, torch.float32)  # normalize in float32, float64 for float64
+            q = F.normalize(q.to(cd), dim=-1).to(q.dtype)
+            k = F.normalize(k.to(cd), dim=-1).to(k.dtype)
+        kind = _mask_plan(inputs)[0]
+        attn_mask: Tensor | None = None
+        is_causal, zero_rows = kind in ("is_causal", "tail"), 0
+        if kind == "tail":
+            # Bottom-right causal with Sq > Sk: the first Sq - Sk queries see no key (out 0); the rest are
+            # a square top-left causal problem.
+            zero_rows = inputs.Sq - inputs.Sk
+            q = q[:, :, zero_rows:]
+        elif kind == "padding":
+            assert isinstance(m, padding)
+            j = torch.arange(inputs.Sk, device=q.device)
+            attn_mask = (j < m.kv_lengths.to(q.device).view(-1, 1)).view(inputs.B, 1, 1, inputs.Sk)
+        elif kind == "dense":
+            assert isinstance(m, dense)
+            attn_mask = m.as_4d()
+        elif kind == "materialize":
+            assert m is not None
+            attn_mask = m.tile(0, inputs.Sq, 0, inputs.Sk, inputs.ctx)  # broadcastable to (B, Hq, Sq, Sk)
+        if inputs.mods:
+            t = inputs.mods[0].bias
+            t = t.reshape((1,) * (4 - t.ndim) + tuple(t.shape))
+            # SDPA adds a float attn_mask to the scores; fold the bool keep-mask in as -inf.
+            attn_mask = t if attn_mask is None else t.masked_fill(~attn_mask, float("-inf"))
+            if attn_mask.dtype != q.dtype:
+                attn_mask = attn_mask.to(q.dtype)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=inputs.dropout_p,
+            is_causal=is_causal,
+            scale=inputs.scale,
+            enable_gqa=inputs.Hq != inputs.Hkv,
+        )
+        if zero_rows:
+            out = torch.cat([out.new_zeros(*out.shape[:2], zero_rows, out.shape[3]), out], dim=2)
+        return out, None
+
+
+def _mask_plan(inputs: AttentionInputs) -> tuple[str, str]:
+    """How SDPA takes the mask: (kind, explanation); kind in none|is_causal|tail|padding|dense|materialize."""
+    m, Sq, Sk = inputs.mask, inputs.Sq, inputs.Sk
+    if m is None:
+        return "none", "no mask"
+    if isinstance(m, causal) and not inputs.mods:  # with a bias SDPA cannot also take is_causal
+        if m.align == "top_left" or Sq == Sk:
+            return (
+                "is_causal",
+                "is_causal=True (SDPA's causal is top-left; the same as bottom-right when Sq == Sk)",
+            )
+        if Sq == 1:
+            return "none", "bottom-right causal with one query sees every key: no mask"
+        if Sq > Sk:
+            return (
+                "tail",
+                f"bottom-right causal, Sq > Sk: the first {Sq - Sk} rows are empty (0), is_causal on the rest",
+            )
+    if isinstance(m, padding):
+        return "padding", "padding as a (B, 1, 1, Sk) bool mask (O(B·Sk))"
+    if isinstance(m, dense):
+        return "dense", "the caller's bool mask"
+    return "materialize", (
+        f"{m!r} materialized as a ({Sq}, {Sk}) bool mask: O(Sq·Sk) memory and no skipped work "
+        f"(SDPA has no structured masks; its is_causal is top-left only)"
+    )

@@ -1,0 +1,468 @@
+"""Attention masks as small structured descriptors (never N×N tensors unless the user hands one in).
+
+A mask answers "may query i attend to key j?" for batch b and query head h. Indices are raw:
+``i`` in ``[0, Sq)``, ``j`` in ``[0, Sk)``. Positional masks use the *aligned* query position
+``p = i + Sk - Sq`` (bottom-right, FlashAttention >= 2.1; what KV-cache decoding needs) unless built
+with ``align="top_left"`` (``p = i``).
+
+Every descriptor can
+  * ``keep(b, h, i, j, ctx)``: evaluate on broadcastable int64 index tensors -> bool tensor,
+  * ``classify(q0, q1, k0, k1, ctx)``: say whether the tile ``[q0, q1) x [k0, k1)`` is EMPTY, FULL or
+    PARTIAL for every batch element and head, without materializing anything,
+  * ``tile(q0, q1, k0, k1, ctx)``: the boolean tile, shape broadcastable to (B, Hq, q1-q0, k1-k0).
+Masks compose with ``&`` and ``|``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Align = Literal["bottom_right", "top_left"]
+_ALIGNS = ("bottom_right", "top_left")
+
+__all__ = [
+    "And",
+    "Mask",
+    "MaskContext",
+    "Or",
+    "Tile",
+    "causal",
+    "custom",
+    "dense",
+    "document",
+    "padding",
+    "prefix_lm",
+    "sliding_window",
+    "tile_indices",
+]
+
+
+class Tile(enum.Enum):
+    """How much of a (queries x keys) tile a mask keeps."""
+
+    EMPTY = "empty"  # nothing: skip the tile
+    FULL = "full"  # everything: no mask evaluation needed
+    PARTIAL = "partial"  # some: evaluate the boolean tile
+
+
+@dataclass(frozen=True)
+class MaskContext:
+    """The problem size a mask or score modifier is evaluated in."""
+
+    B: int
+    Hq: int
+    Sq: int
+    Sk: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def offset(self, align: str) -> int:
+        """Aligned position of query i is ``i + offset``."""
+        return self.Sk - self.Sq if align == "bottom_right" else 0
+
+
+def tile_indices(ctx: MaskContext, q0: int, q1: int, k0: int, k1: int) -> tuple[Tensor, ...]:
+    """Broadcastable int64 indices b (B,1,1,1), h (1,Hq,1,1), i (1,1,q,1), j (1,1,1,k) of a tile."""
+    kw = {"device": ctx.device, "dtype": torch.long}
+    b = torch.arange(ctx.B, **kw).view(-1, 1, 1, 1)
+    h = torch.arange(ctx.Hq, **kw).view(1, -1, 1, 1)
+    i = torch.arange(q0, q1, **kw).view(1, 1, -1, 1)
+    j = torch.arange(k0, k1, **kw).view(1, 1, 1, -1)
+    return b, h, i, j
+
+
+def _short_repr(obj: object, *names: str) -> str:
+    """``name(a=1, b=2)``, leaving out an ``align`` that is the default."""
+    parts = [f"{n}={getattr(obj, n)!r}" for n in names]
+    if getattr(obj, "align", "bottom_right") != "bottom_right":
+        parts.append(f"align={obj.align!r}")  # type: ignore[attr-defined]
+    return f"{type(obj).__name__}({', '.join(parts)})"
+
+
+def _check_align(align: str) -> None:
+    if align not in _ALIGNS:
+        raise ValueError(f"align={align!r} is not allowed; use one of {_ALIGNS}")
+
+
+def _nonneg_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 0, got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"{name}={value} is negative; allowed: an int >= 0")
+    return value
+
+
+def _int_tensor(name: str, value: Tensor | Sequence[int]) -> Tensor:
+    t = value if isinstance(value, Tensor) else torch.as_tensor(list(value))
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integers, got dtype {t.dtype}")
+    if t.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    return t.to(torch.long)
+
+
+class Mask:
+    """Base of all mask descriptors."""
+
+    def keep(self, b: Tensor, h: Tensor, i: Tensor, j: Tensor, ctx: MaskContext) -> Tensor:
+        raise NotImplementedError
+
+    def classify(self, q0: int, q1: int, k0: int, k1: int, ctx: MaskContext) -> Tile:
+        """Generic fallback: evaluate the tile (used by dense and custom masks)."""
+        t = self.tile(q0, q1, k0, k1, ctx)
+        if bool(t.all()):
+            return Tile.FULL
+        return Tile.PARTIAL if bool(t.any()) else Tile.EMPTY
+
+    def tile(self, q0: int, q1: int, k0: int, k1: int, ctx: MaskContext) -> Tensor:
+        return self.keep(*tile_indices(ctx, q0, q1, k0, k1), ctx)
+
+    def check(self, ctx: MaskContext) -> list[str]:
+        """Shape-dependent problems for this problem size (empty list = fine)."""
+        return []
+
+    def leaves(self) -> list[Mask]:
+        return [self]
+
+    def __and__(self, other: Mask) -> Mask:
+        return And(self, _as_mask(other, "&"))
+
+    def __or__(self, other: Mask) -> Mask:
+        return Or(self, _as_mask(other, "|"))
+
+
+def _as_mask(other: object, op: str) -> Mask:
+    if not isinstance(other, Mask):
+        raise TypeError(
+            f"cannot combine a mask with {type(other).__name__} using {op}; both sides must be masks"
+        )
+    return other
+
+
+@dataclass(frozen=True, eq=False)
+class And(Mask):
+    """Keep (i, j) where both masks keep it."""
+
+    a: Mask
+    b: Mask
+
+    def keep(self, b, h, i, j, ctx):
+        return self.a.keep(b, h, i, j, ctx) & self.b.keep(b, h, i, j, ctx)
+
+    def classify(self, q0, q1, k0, k1, ctx):
+        ca = self.a.classify(q0, q1, k0, k1, ctx)
+        if ca is Tile.EMPTY:
+            return Tile.EMPTY
+        cb = self.b.classify(q0, q1, k0, k1, ctx)
+        if cb is Tile.EMPTY:
+            return Tile.EMPTY
+        return Tile.FULL if ca is cb is Tile.FULL else Tile.PARTIAL
+
+    def check(self, ctx):
+        return self.a.check(ctx) + self.b.check(ctx)
+
+    def leaves(self):
+        return self.a.leaves() + self.b.leaves()
+
+    def __repr__(self) -> str:
+        return f"({self.a!r} & {self.b!r})"
+
+
+@dataclass(frozen=True, eq=False)
+class Or(Mask):
+    """Keep (i, j) where either mask keeps it."""
+
+    a: Mask
+    b: Mask
+
+    def keep(self, b, h, i, j, ctx):
+        return self.a.keep(b, h, i, j, ctx) | self.b.keep(b, h, i, j, ctx)
+
+    def classify(self, q0, q1, k0, k1, ctx):
+        ca = self.a.classify(q0, q1, k0, k1, ctx)
+        if ca is Tile.FULL:
+            return Tile.FULL
+        cb = self.b.classify(q0, q1, k0, k1, ctx)
+        if cb is Tile.FULL:
+            return Tile.FULL
+        return Tile.EMPTY if ca is cb is Tile.EMPTY else Tile.PARTIAL
+
+    def check(self, ctx):
+        return self.a.check(ctx) + self.b.check(ctx)
+
+    def leaves(self):
+        return self.a.leaves() + self.b.leaves()
+
+    def __repr__(self) -> str:
+        return f"({self.a!r} | {self.b!r})"
+
+
+@dataclass(frozen=True)
+class causal(Mask):
+    """Causal mask (Vaswani et al. 2017): keep j <= p, p the aligned query position."""
+
+    align: Align = "bottom_right"
+
+    def __post_init__(self):
+        _check_align(self.align)
+
+    def keep(self, b, h, i, j, ctx):
+        return j <= i + ctx.offset(self.align)
+
+    def classify(self, q0, q1, k0, k1, ctx):
+        off = ctx.offset(self.align)
+        if k1 - 1 <= q0 + off:
+            return Tile.FULL
+        return Tile.EMPTY if k0 > q1 - 1 + off else Tile.PARTIAL
+
+    def __repr__(self) -> str:
+        return _short_repr(self)
+
+
+@dataclass(frozen=True)
+class sliding_window(Mask):
+    """Local attention (Beltagy et al. 2020, Mistral): keep p - left <= j <= p + right."""
+
+    left: int
+    right: int = 0
+    align: Align = "bottom_right"
+
+    def __post_init__(self):
+        _nonneg_int("sliding_window left", self.left)
+        _nonneg_int("sliding_window right", self.right)
+        _check_align(self.align)
+
+    def keep(self, b, h, i, j, ctx):
+        p = i + ctx.offset(self.align)
+        return (j >= p - self.left) & (j <= p + self.right)
+
+    def classify(self, q0, q1, k0, k1, ctx):
+        off = ctx.offset(self.align)
+        lo_first, hi_first = q0 + off - self.left, q0 + off + self.right  # band of the first query
+        lo_last, hi_last = q1 - 1 + off - self.left, q1 - 1 + off + self.right  # band of the last query
+        if k0 >= lo_last and k1 - 1 <= hi_first:
+            return Tile.FULL
+        if k1 - 1 < lo_first or k0 > hi_last:
+            return Tile.EMPTY
+        return Tile.PARTIAL
+
+    def __repr__(self) -> str:
+        return _short_repr(self, "left", "right")
+
+
+@dataclass(frozen=True)
+class prefix_lm(Mask):
+    """Prefix-LM (Raffel et al. 2020, T5): keep j < prefix_len (bidirectional prefix) or j <= p."""
+
+    prefix_len: int
+    align: Align = "bottom_right"
+
+    def __post_init__(self):
+        _nonneg_int("prefix_lm prefix_len", self.prefix_len)
+        _check_align(self.align)
+
+    def keep(self, b, h, i, j, ctx):
+        return (j < self.prefix_len) | (j <= i + ctx.offset(self.align))
+
+    def classify(self, q0, q1, k0, k1, ctx):
+        off = ctx.offset(self.align)
+        if k1 - 1 < self.prefix_len or k1 - 1 <= q0 + off:
+            return Tile.FULL
+        if k0 >= self.prefix_len and k0 > q1 - 1 + off:
+            return Tile.EMPTY
+        return Tile.PARTIAL
+
+    def __repr__(self) -> str:
+        return _short_repr(self, "prefix_len")
+
+
+@dataclass(frozen=True, eq=False)
+class padding(Mask):
+    """Key padding: keep j < kv_lengths[b] (kv_lengths: (B,) ints, 0 <= length <= Sk)."""
+
+    kv_lengths: Tensor
+
+    def __post_init__(self):
+        t = _int_tensor("padding kv_lengths", self.kv_lengths)
+        object.__setattr__(self, "kv_lengths", t)
+        # Python ints for tile classification, so it never touches the tensor again (one host sync, here).
+        known = t.numel() > 0 and t.device.type != "meta"
+        object.__setattr__(self, "_min", int(t.min()) if known else 0)
+        object.__setattr__(self, "_max", int(t.max()) if known else (2**62 if t.numel() else 0))
+
+    def keep(self, b, h, i, j, ctx):
+        return j < self.kv_lengths.to(j.device)[b]
+
+    def classify(self, q0, q1, k0, k1, ctx):
+        if k1 - 1 < self._min:
+            return Tile.FULL
+        return Tile.EMPTY if k0 >= self._max else Tile.PARTIAL
+
+    def check(self, ctx):
+        n = self.kv_lengths.numel()
+        if n != ctx.B:
+            return [f"padding kv_lengths has {n} entries; expected one per batch element (B={ctx.B})"]
+        if self.kv_lengths.device.type != "meta" and (self._min < 0 or self._max > ctx.Sk):
+            return [
+                f"padding kv_lengths={self.kv_lengths.tolist()} must lie in [0, Sk={ctx.Sk}] "
+                f"(min {self._min}, max {self._max})"
+            ]
+        return []
+
+    def __repr__(self) -> str:
+        return f"padding(kv_lengths={self.kv_lengths.tolist()})"
+
+
+@dataclass(frozen=True, eq=False)
+class document(Mask):
+    """Packed documents (FlashAttention varlen): keep i, j in the same document.
+
+    ``cu_seqlens`` = [0, len_0, len_0+len_1, ..., S] (shared by every batch element) applies to queries
+    and keys; pass ``cu_seqlens_k`` for a different key packing (then document d of the queries attends
+    to document d of the keys).
+    """
+
+    cu_seqlens: Tensor
+    cu_seqlens_k: Tensor | None = None
+
+    def __post_init__(self):
+        for name in ("cu_seqlens", "cu_seqlens_k"):
+            value = getattr(self, name)
+            if value is None and name == "cu_seqlens_k":
+                continue
+            if not isinstance(value, (Tensor, list, tuple)):
+                raise TypeError(f"document {name} must be a 1-D int tensor or a list of ints, got {value!r}")
+            t = _int_tensor(f"document {name}", value)
+            lst = t.tolist()
+            if not lst or lst[0] != 0:
+                raise ValueError(f"document {name}={lst} must start at 0")
+            if any(b < a for a, b in itertools.pairwise(lst)):
+                raise ValueError(f"document {name}={lst} must be non-decreasing")
+            object.__setattr__(self, name, t)
+            object.__setattr__(self, f"_{name}", lst)
+        ck = self._cu_seqlens_k if self.cu_seqlens_k is not None else self._cu_seqlens
+        if len(ck) != len(self._cu_seqlens):
+            raise ValueError(
+                f"document cu_seqlens ({len(self._cu_seqlens) - 1} documents) and cu_seqlens_k "
+                f"({len(ck) - 1} documents) must describe the same number of documents"
+            )
+        object.__setattr__(self, "_cu_k", ck)
+
+    def _doc_ids(self, cu: Sequence[int], device: torch.device) -> Tensor:
+        lengths = torch.tensor([b - a for a, b in itertools.pairwise(cu)], device=device)
+        return torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+
+    def keep(self, b, h, i, j, ctx):
+        dq = self._doc_ids(self._cu_seqlens, i.device)
+        dk = self._doc_ids(self._cu_k, j.device)
+        return dq[i] == dk[j]
+
+    def classify(self, q0, q1, k0, k1, ctx):
+        cq, ck = self._cu_seqlens, self._cu_k
+        dq0, dq1 = bisect.bisect_right(cq, q0) - 1, bisect.bisect_right(cq, q1 - 1) - 1
+        dk0, dk1 = bisect.bisect_right(ck, k0) - 1, bisect.bisect_right(ck, k1 - 1) - 1
+        if dq0 == dq1 == dk0 == dk1:
+            return Tile.FULL
+        # A shared document must have rows inside the tile on both sides (documents can be empty).
+        for d in range(max(dq0, dk0), min(dq1, dk1) + 1):
+            if max(cq[d], q0) < min(cq[d + 1], q1) and max(ck[d], k0) < min(ck[d + 1], k1):
+                return Tile.PARTIAL
+        return Tile.EMPTY
+
+    def check(self, ctx):
+        problems = []
+        if self.cu_seqlens_k is None:
+            if not (self._cu_seqlens[-1] == ctx.Sq == ctx.Sk):
+                problems.append(
+                    f"document cu_seqlens ends at {self._cu_seqlens[-1]}; it must end at the sequence "
+                    f"length (Sq={ctx.Sq}, Sk={ctx.Sk}; pass cu_seqlens_k when they differ)"
+                )
+        else:
+            if self._cu_seqlens[-1] != ctx.Sq:
+                problems.append(
+                    f"document cu_seqlens ends at {self._cu_seqlens[-1]}; it must end at Sq={ctx.Sq}"
+                )
+            if self._cu_k[-1] != ctx.Sk:
+                problems.append(f"document cu_seqlens_k ends at {self._cu_k[-1]}; it must end at Sk={ctx.Sk}")
+        return problems
+
+    def __repr__(self) -> str:
+        extra = "" if self.cu_seqlens_k is None else f", cu_seqlens_k={self._cu_k}"
+        return f"document(cu_seqlens={self._cu_seqlens}{extra})"
+
+
+@dataclass(frozen=True, eq=False)
+class dense(Mask):
+    """A user-supplied bool tensor broadcastable to (B, Hq, Sq, Sk); True = keep (SDPA convention)."""
+
+    mask: Tensor
+
+    def __post_init__(self):
+        m = self.mask
+        if not isinstance(m, Tensor):
+            raise TypeError(f"dense mask must be a torch.Tensor, got {type(m).__name__}")
+        if m.dtype != torch.bool:
+            raise TypeError(
+                f"dense mask dtype={m.dtype}; it must be torch.bool (True = keep; for additive float scores "
+                f"use attnopt.mods.bias)"
+            )
+
+    def as_4d(self) -> Tensor:
+        return self.mask.reshape((1,) * (4 - self.mask.ndim) + tuple(self.mask.shape))
+
+    def keep(self, b, h, i, j, ctx):
+        return self.as_4d().expand(ctx.B, ctx.Hq, ctx.Sq, ctx.Sk)[b, h, i, j]
+
+    def check(self, ctx):
+        m = self.mask
+        if m.device != ctx.device:
+            return [f"dense mask is on {m.device} but q is on {ctx.device}"]
+        target = (ctx.B, ctx.Hq, ctx.Sq, ctx.Sk)
+        if m.ndim > 4 or any(s not in (1, t) for s, t in zip(reversed(m.shape), reversed(target))):
+            return [f"dense mask shape {tuple(m.shape)} does not broadcast to (B, Hq, Sq, Sk)={target}"]
+        return []
+
+    def __repr__(self) -> str:
+        return f"dense(shape={tuple(self.mask.shape)})"
+
+
+@dataclass(frozen=True, eq=False)
+class custom(Mask):
+    """Any rule ``fn(b, h, i, j) -> bool tensor`` (FlexAttention ``mask_mod`` signature, raw indices)."""
+
+    fn: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+    def __post_init__(self):
+        if not callable(self.fn):
+            raise TypeError(f"custom mask needs a callable fn(b, h, i, j), got {type(self.fn).__name__}")
+
+    def keep(self, b, h, i, j, ctx):
+        out = self.fn(b, h, i, j)
+        if not isinstance(out, Tensor) or out.dtype != torch.bool:
+            got = out.dtype if isinstance(out, Tensor) else type(out).__name__
+            raise TypeError(f"custom mask fn {self.fn!r} must return a bool tensor, got {got}")
+        return out
+
+    def check(self, ctx):
+        # Probe one (0, 0) element so a wrong return type is reported before any attention compute.
+        try:
+            out = self.tile(0, 1, 0, 1, ctx)
+        except Exception as e:  # the user's function failed: report it as a validation problem
+            return [f"custom mask fn failed on a probe element: {type(e).__name__}: {e}"]
+        want = (ctx.B, ctx.Hq, 1, 1)
+        if out.ndim > 4 or any(s not in (1, w) for s, w in zip(reversed(out.shape), reversed(want))):
+            return [
+                f"custom mask fn returned shape {tuple(out.shape)} for index tensors of shape (B, Hq, 1, 1)="
+                f"{want}; it must broadcast elementwise over b, h, i, j"
+            ]
+        return []
+
+    def __repr__(self) -> str:
+        return f"custom({getattr(self.fn, '__name__', repr(self.fn))})"

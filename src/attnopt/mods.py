@@ -1,0 +1,161 @@
+"""Score modifiers: pure functions of (score, b, h, i, j) applied to the scaled scores, in order.
+
+``score`` is float32 (float64 for float64 inputs); ``b, h, i, j`` are broadcastable int64 index tensors
+(raw query index ``i`` in [0, Sq), key index ``j`` in [0, Sk)), exactly as FlexAttention's
+``score_mod(score, b, h, q_idx, kv_idx)``. Positional modifiers use the aligned query position
+``p = i + Sk - Sq`` (bottom-right) unless built with ``align="top_left"``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .masks import Align, MaskContext, _check_align
+
+__all__ = ["ScoreMod", "alibi", "alibi_slopes", "bias", "custom", "softcap"]
+
+
+class ScoreMod:
+    """Base of all score modifiers."""
+
+    def __call__(self, score: Tensor, b: Tensor, h: Tensor, i: Tensor, j: Tensor, ctx: MaskContext) -> Tensor:
+        raise NotImplementedError
+
+    def check(self, ctx: MaskContext) -> list[str]:
+        """Shape-dependent problems for this problem size (empty list = fine)."""
+        return []
+
+
+def alibi_slopes(num_heads: int) -> Tensor:
+    """The geometric ALiBi slopes of Press et al. 2022 (2^(-8/n), ...), with their non-power-of-2 rule."""
+
+    def power_of_2(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (k + 1) for k in range(n)]
+
+    if num_heads <= 0:
+        raise ValueError(f"num_heads={num_heads}; allowed: an int >= 1")
+    n = 2 ** math.floor(math.log2(num_heads))
+    slopes = power_of_2(n)
+    if n < num_heads:  # interleave the slopes of the next power of two, as the paper does
+        slopes += power_of_2(2 * n)[0::2][: num_heads - n]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class alibi(ScoreMod):
+    """ALiBi (Press et al. 2022): add -slopes[h] * |p - j|; slopes is a (Hq,) float tensor."""
+
+    slopes: Tensor
+    align: Align = "bottom_right"
+
+    def __post_init__(self):
+        _check_align(self.align)
+        if not isinstance(self.slopes, Tensor) or not self.slopes.dtype.is_floating_point:
+            got = self.slopes.dtype if isinstance(self.slopes, Tensor) else type(self.slopes).__name__
+            raise TypeError(f"alibi slopes must be a floating-point tensor of shape (Hq,), got {got}")
+
+    def __call__(self, score, b, h, i, j, ctx):
+        dist = (i + ctx.offset(self.align) - j).abs().to(score.dtype)
+        return score - self.slopes.to(score.device, score.dtype)[h] * dist
+
+    def check(self, ctx):
+        if tuple(self.slopes.shape) != (ctx.Hq,):
+            return [
+                f"alibi slopes shape {tuple(self.slopes.shape)}; expected (Hq,)=({ctx.Hq},), one per query head"
+            ]
+        return []
+
+    def __repr__(self) -> str:
+        extra = "" if self.align == "bottom_right" else f", align={self.align!r}"
+        return f"alibi(slopes=({self.slopes.numel()},){extra})"
+
+
+@dataclass(frozen=True)
+class softcap(ScoreMod):
+    """Logit soft-capping (Gemma 2, Team Gemma 2024): s -> cap * tanh(s / cap), cap > 0."""
+
+    cap: float
+
+    def __post_init__(self):
+        if isinstance(self.cap, bool) or not isinstance(self.cap, (int, float)):
+            raise TypeError(f"softcap cap must be a positive number, got {type(self.cap).__name__}")
+        if not (math.isfinite(self.cap) and self.cap > 0):
+            raise ValueError(f"softcap cap={self.cap}; allowed: a finite number > 0 (Gemma 2 uses 50.0)")
+
+    def __call__(self, score, b, h, i, j, ctx):
+        return self.cap * torch.tanh(score / self.cap)
+
+
+@dataclass(frozen=True, eq=False)
+class bias(ScoreMod):
+    """Add a float tensor broadcastable to (B, Hq, Sq, Sk) (T5 / Swin relative bias); -inf = hard mask."""
+
+    bias: Tensor
+
+    def __post_init__(self):
+        if not isinstance(self.bias, Tensor):
+            raise TypeError(f"bias must be a torch.Tensor, got {type(self.bias).__name__}")
+        if not self.bias.dtype.is_floating_point:
+            raise TypeError(
+                f"bias dtype={self.bias.dtype}; it must be floating point (for a bool keep-mask use attnopt.masks.dense)"
+            )
+
+    def __call__(self, score, b, h, i, j, ctx):
+        t = self.bias.reshape((1,) * (4 - self.bias.ndim) + tuple(self.bias.shape))
+        return score + t.expand(ctx.B, ctx.Hq, ctx.Sq, ctx.Sk)[b, h, i, j].to(score.dtype)
+
+    def check(self, ctx):
+        t = self.bias
+        if t.device != ctx.device:
+            return [f"bias is on {t.device} but q is on {ctx.device}"]
+        target = (ctx.B, ctx.Hq, ctx.Sq, ctx.Sk)
+        if t.ndim > 4 or any(s not in (1, n) for s, n in zip(reversed(t.shape), reversed(target))):
+            return [f"bias shape {tuple(t.shape)} does not broadcast to (B, Hq, Sq, Sk)={target}"]
+        return []
+
+    def __repr__(self) -> str:
+        return f"bias(shape={tuple(self.bias.shape)})"
+
+
+@dataclass(frozen=True, eq=False)
+class custom(ScoreMod):
+    """Any ``fn(score, b, h, i, j) -> score`` (FlexAttention ``score_mod`` signature, raw indices)."""
+
+    fn: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+
+    def __post_init__(self):
+        if not callable(self.fn):
+            raise TypeError(
+                f"custom score_mod needs a callable fn(score, b, h, i, j), got {type(self.fn).__name__}"
+            )
+
+    def __call__(self, score, b, h, i, j, ctx):
+        return self.fn(score, b, h, i, j)
+
+    def check(self, ctx):
+        # Probe one (0, 0) element so a broken function is reported before any attention compute.
+        kw = {"device": ctx.device, "dtype": torch.long}
+        zero = torch.zeros((1, 1, 1, 1), **kw)
+        score = torch.zeros((1, 1, 1, 1), device=ctx.device)
+        try:
+            out = self.fn(score, zero, zero, zero, zero)
+        except Exception as e:  # the user's function failed: report it as a validation problem
+            return [f"custom score_mod fn failed on a probe element: {type(e).__name__}: {e}"]
+        if not isinstance(out, Tensor) or not out.dtype.is_floating_point:
+            got = out.dtype if isinstance(out, Tensor) else type(out).__name__
+            return [f"custom score_mod fn must return a floating-point tensor, got {got}"]
+        if out.shape != score.shape:
+            return [
+                f"custom score_mod fn returned shape {tuple(out.shape)} for a score of shape (1, 1, 1, 1); "
+                f"it must be elementwise (same shape as score)"
+            ]
+        return []
+
+    def __repr__(self) -> str:
+        return f"custom({getattr(self.fn, '__name__', repr(self.fn))})"

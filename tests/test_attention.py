@@ -1,0 +1,190 @@
+"""Forward and backward of every backend against the float64 oracle, over the awkward grid."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import attnopt as ao
+from attnopt import _dispatch
+from attnopt import mods as am
+from tests._oracle import DTYPE_NAMES, Shape, assert_close, make_leaves, oracle, run_and_grads, upcast, views
+
+BOTH = ("sdpa", "reference")
+REF = ("reference",)
+
+
+def _cuts(S: int, g: torch.Generator, n: int = 3) -> list[int]:
+    """cu_seqlens of n documents (some possibly empty) packed into S positions."""
+    inner = sorted(torch.randint(0, S + 1, (n - 1,), generator=g).tolist())
+    return [0, *inner, S]
+
+
+def _docs(s: Shape, g: torch.Generator):
+    cq = _cuts(s.Sq, g)
+    return ao.document(cq) if s.Sq == s.Sk else ao.document(cq, _cuts(s.Sk, g))
+
+
+def _lengths(s: Shape, g: torch.Generator) -> torch.Tensor:
+    lengths = torch.randint(0, s.Sk + 1, (s.B,), generator=g)
+    lengths[0] = s.Sk  # one full row of keys ...
+    if s.B > 1:
+        lengths[-1] = 0  # ... and one batch element with no keys at all (fully masked rows)
+    return lengths
+
+
+def _dense(s: Shape, g: torch.Generator) -> torch.Tensor:
+    m = torch.rand(s.B, 1, s.Sq, s.Sk, generator=g) > 0.3
+    m[:, :, 0] = False  # a fully masked row
+    return m
+
+
+def _bias(s: Shape, g: torch.Generator) -> torch.Tensor:
+    t = torch.randn(1, s.Hq, s.Sq, s.Sk, generator=g)
+    t[torch.rand(t.shape, generator=g) < 0.2] = float("-inf")  # -inf entries are hard masks
+    return t
+
+
+# name -> (kwargs builder, backends that must run it)
+Builder = Callable[[Shape, torch.Generator], dict]
+VARIANTS: dict[str, tuple[Builder, tuple[str, ...]]] = {
+    "none": (lambda s, g: {}, BOTH),
+    "causal": (lambda s, g: {"mask": ao.causal()}, BOTH),
+    "causal_topleft": (lambda s, g: {"mask": ao.causal("top_left")}, BOTH),
+    "window_16": (lambda s, g: {"mask": ao.sliding_window(16)}, BOTH),
+    "window_5_3_topleft": (lambda s, g: {"mask": ao.sliding_window(5, 3, align="top_left")}, BOTH),
+    "causal_and_window": (lambda s, g: {"mask": ao.causal() & ao.sliding_window(16)}, BOTH),
+    "document": (lambda s, g: {"mask": _docs(s, g)}, BOTH),
+    "document_and_causal": (lambda s, g: {"mask": _docs(s, g) & ao.causal()}, BOTH),
+    "prefix_lm_7": (lambda s, g: {"mask": ao.prefix_lm(7)}, BOTH),
+    "padding": (lambda s, g: {"mask": ao.padding(_lengths(s, g))}, BOTH),
+    "padding_and_causal": (lambda s, g: {"mask": ao.padding(_lengths(s, g)) & ao.causal()}, BOTH),
+    "dense": (lambda s, g: {"mask": _dense(s, g)}, BOTH),
+    "custom_mask": (lambda s, g: {"mask": ao.custom(lambda b, h, i, j: (i + j + h) % 3 != 0)}, BOTH),
+    "window_or_prefix": (lambda s, g: {"mask": ao.sliding_window(4) | ao.prefix_lm(3)}, BOTH),
+    "bias": (lambda s, g: {"score_mod": am.bias(_bias(s, g))}, BOTH),
+    "bias_and_causal": (lambda s, g: {"score_mod": am.bias(_bias(s, g)), "mask": ao.causal()}, BOTH),
+    "alibi_causal": (lambda s, g: {"mask": ao.causal(), "score_mod": am.alibi(am.alibi_slopes(s.Hq))}, REF),
+    "softcap_causal": (lambda s, g: {"mask": ao.causal(), "score_mod": am.softcap(2.0)}, REF),
+    "custom_mod": (lambda s, g: {"score_mod": lambda sc, b, h, i, j: sc * 0.5 + 0.1 * (h - j % 3)}, REF),
+    "alibi_then_softcap": (
+        lambda s, g: {"score_mod": [am.alibi(am.alibi_slopes(s.Hq)), am.softcap(3.0)]},
+        REF,
+    ),
+    "sinks": (lambda s, g: {"sinks": torch.randn(s.Hq, generator=g)}, REF),
+    "sinks_window": (
+        lambda s, g: {"sinks": torch.randn(s.Hq, generator=g), "mask": ao.sliding_window(8)},
+        REF,
+    ),
+    "cosine": (lambda s, g: {"similarity": "cosine", "scale": 4.0}, BOTH),
+    "euclidean": (lambda s, g: {"similarity": "euclidean"}, REF),
+    "scale_0.3": (lambda s, g: {"scale": 0.3}, BOTH),
+}
+
+FAST_SHAPES = [
+    Shape(2, 6, 2, 113, 203, 40),  # GQA 3:1, Sq < Sk
+    Shape(1, 4, 4, 17, 17, 64),  # square
+    Shape(2, 8, 1, 1, 257, 32),  # decode, MQA
+    Shape(1, 3, 3, 255, 128, 37, Dv=24),  # Sq > Sk, odd head dim, Dv != D
+]
+SEQS = [1, 17, 113, 255, 256, 257, 1023]
+HEAD_DIMS = [32, 40, 64, 80, 128, 37]
+RATIOS = [(8, 8), (8, 4), (6, 2), (8, 1)]
+
+
+def _exhaustive_shapes() -> list[Shape]:
+    out = []
+    for n, (sq, sk) in enumerate(itertools.product(SEQS, SEQS)):
+        hq, hkv = RATIOS[n % len(RATIOS)]
+        d = HEAD_DIMS[n % len(HEAD_DIMS)]
+        out.append(Shape(1 + n % 2, hq, hkv, sq, sk, d, Dv=None if n % 3 else 48))
+    return out
+
+
+def _cases(shapes, dtypes, layouts, marks=()):
+    for shape, dtype, layout, (vname, (_, backends)) in itertools.product(
+        shapes, dtypes, layouts, VARIANTS.items()
+    ):
+        for backend in backends:
+            case_id = f"{backend}-{DTYPE_NAMES[dtype]}-{vname}-{shape}" + (
+                "" if layout == "contiguous" else f"-{layout}"
+            )
+            yield pytest.param(backend, vname, shape, dtype, layout, id=case_id, marks=marks)
+
+
+FAST = [
+    *_cases(FAST_SHAPES, [torch.float32], ["contiguous"]),
+    *_cases(FAST_SHAPES[:2], [torch.bfloat16, torch.float16], ["contiguous"]),
+    *_cases(FAST_SHAPES[1:2], [torch.float64], ["contiguous"]),
+    *_cases(FAST_SHAPES[:1], [torch.float32], ["transposed", "expanded"]),
+]
+EXHAUSTIVE = list(
+    _cases(
+        _exhaustive_shapes(), [torch.float32, torch.bfloat16], ["contiguous"], marks=pytest.mark.exhaustive
+    )
+)
+
+
+def check_against_oracle(backend: str, vname: str, shape: Shape, dtype: torch.dtype, layout: str) -> None:
+    """Forward (out, lse) and backward (dq, dk, dv, dsinks) vs float64, by the one tolerance rule."""
+    builder, _ = VARIANTS[vname]
+    kwargs = builder(shape, torch.Generator().manual_seed(1))
+    sinks = kwargs.pop("sinks", None)
+    leaves = make_leaves(shape, dtype, layout)
+    leaves64 = upcast(leaves)
+    sinks_l = None if sinks is None else sinks.to(dtype).requires_grad_(True)
+    sinks64 = None if sinks_l is None else sinks_l.detach().double().requires_grad_(True)
+    want_lse = _dispatch.BACKENDS[backend].supports_lse
+    do = torch.randn(shape.B, shape.Hq, shape.Sq, shape.dv, generator=torch.Generator().manual_seed(2))
+
+    def got_fn():
+        return ao.attention(
+            *views(leaves, shape, layout), **kwargs, sinks=sinks_l, return_lse=want_lse, backend=backend
+        )
+
+    got = run_and_grads(got_fn, leaves, sinks_l, do)
+    plain = run_and_grads(
+        lambda: oracle(views(leaves, shape, layout), {**kwargs, "sinks": sinks_l}, compute_dtype=dtype),
+        leaves,
+        sinks_l,
+        do,
+    )
+    ref = run_and_grads(
+        lambda: oracle(views(leaves64, shape, layout), {**kwargs, "sinks": sinks64}), leaves64, sinks64, do
+    )
+
+    assert got[0].dtype == dtype and got[0].shape == (shape.B, shape.Hq, shape.Sq, shape.dv)
+    n_sum = shape.D + max(shape.Sq, shape.Sk) * (shape.Hq // shape.Hkv)  # longest sum behind any output
+    assert_close("out", got[0], plain[0], ref[0], 2, magnitude=float(leaves64[2].abs().max()), n_sum=n_sum)
+    if want_lse:
+        assert got[1] is not None and got[1].dtype == (
+            torch.float64 if dtype == torch.float64 else torch.float32
+        )
+        assert_close("lse", got[1], plain[1], ref[1], 2, n_sum=n_sum)
+    grad_scale = max(float(r.abs().max()) for r in ref[2] if r is not None)
+    for name, g, p, r in zip(["dq", "dk", "dv", "dsinks"], got[2], plain[2], ref[2]):
+        assert_close(name, g, p, r, 3, magnitude=grad_scale, n_sum=n_sum)
+
+
+@pytest.mark.parametrize(("backend", "variant", "shape", "dtype", "layout"), FAST + EXHAUSTIVE)
+def test_matches_oracle(backend, variant, shape, dtype, layout):
+    check_against_oracle(backend, variant, shape, dtype, layout)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_sdpa_capabilities_and_auto_choice(variant):
+    """sdpa runs exactly the variants it declares; auto never routes to reference what sdpa can run."""
+    shape = FAST_SHAPES[0]
+    builder, backends = VARIANTS[variant]
+    q, k, v = views(make_leaves(shape, torch.float32), shape, "contiguous")
+    kwargs = builder(shape, torch.Generator().manual_seed(1))
+    inputs = ao.api.validate(q, k, v, **kwargs, backends=list(_dispatch.BACKENDS))
+    reasons = _dispatch.BACKENDS["sdpa"].not_supported_reasons(inputs)
+    assert (not reasons) == ("sdpa" in backends), reasons
+    assert _dispatch.select(inputs).name == ("sdpa" if "sdpa" in backends else "reference")
+    if reasons:
+        with pytest.raises(NotImplementedError, match="backend='sdpa' cannot run"):
+            ao.attention(q, k, v, **kwargs, backend="sdpa")
