@@ -1,0 +1,32 @@
+"""The README's quickstart runs as written, and its error example shows the real message."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_quickstart_runs_as_written(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "README has no python quickstart"
+    scope: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), scope)
+    assert scope["out"].shape == (2, 8, 512, 64) and scope["lse"].shape == (2, 8, 512)
+    assert scope["step"].shape == (2, 8, 1, 64)
+    assert "-> runs on" in capsys.readouterr().out
+
+
+def test_error_example_is_the_real_message():
+    text = README.read_text()
+    example = re.search(r">>> (ao\.attention\(.*?\))\n(ValueError): (.*?)\n```", text, flags=re.S)
+    assert example, "README error example not found"
+    call, _, message = example.groups()
+    scope: dict = {}
+    exec(compile(re.findall(r"```python\n(.*?)```", text, flags=re.S)[0], "README.md", "exec"), scope)
+    with pytest.raises(ValueError) as info:
+        eval(call, scope)
+    assert str(info.value) == message
