@@ -20,7 +20,7 @@ BACKENDS = ["sdpa", "reference"]
 
 def textbook(q, k, v, *, keep, scale, mods=(), sinks=None, sim="dot"):
     """out[b][h][i][:] and lse[b][h][i] with Python floats: scores, mask, softmax (+sink), weighted sum."""
-    B, Hq, Sq, D = q.shape
+    B, Hq, Sq, _ = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
     out = [[[[0.0] * Dv for _ in range(Sq)] for _ in range(Hq)] for _ in range(B)]
@@ -199,7 +199,7 @@ def test_sinks_gradcheck_and_lse_includes_sink():
         )
 
     assert torch.autograd.gradcheck(fn, (q, k, v, sinks))
-    out, lse = fn(q, k, v, sinks)
+    _, lse = fn(q, k, v, sinks)
     _, lse_no_sink = ao.attention(
         q, k, v, mask=ao.sliding_window(1), score_mod=am.softcap(1.5), return_lse=True
     )
