@@ -236,3 +236,21 @@ def test_explain_and_available_backends():
     assert "-> runs on 'sdpa'" in text and "reference" in text
     text = ao.explain(q, k, v, score_mod=am.softcap(5.0))
     assert "-> runs on 'reference'" in text and "SDPA takes at most one additive bias tensor" in text
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias_shape", [(1, 4, 6, 9), (4, 1, 9)], ids=["full", "per_head_key"])
+def test_bias_is_differentiable(backend, bias_shape):
+    q, k, v = (t.float() for t in _qkv(1, 4, 2, 6, 9, 8, 8))
+    g = torch.Generator().manual_seed(3)
+    b32 = torch.randn(*bias_shape, generator=g).requires_grad_(True)
+    b64 = b32.detach().double().requires_grad_(True)
+    plain32 = b32.detach().clone().requires_grad_(True)
+    kwargs = {"mask": ao.causal()}
+    ao.attention(q, k, v, score_mod=am.bias(b32), **kwargs, backend=backend).square().sum().backward()
+    oracle([q, k, v], {**kwargs, "score_mod": am.bias(plain32)}, compute_dtype=torch.float32)[
+        0
+    ].square().sum().backward()
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    oracle([q64, k64, v64], {**kwargs, "score_mod": am.bias(b64)})[0].square().sum().backward()
+    assert_close("dbias", b32.grad, plain32.grad, b64.grad, 3, magnitude=float(b64.grad.abs().max()))

@@ -355,14 +355,12 @@ class document(Mask):
             )
         object.__setattr__(self, "_cu_k", ck)
 
-    def _doc_ids(self, cu: Sequence[int], device: torch.device) -> Tensor:
-        lengths = torch.tensor([b - a for a, b in itertools.pairwise(cu)], device=device)
-        return torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
-
     def keep(self, b, h, i, j, ctx):
-        dq = self._doc_ids(self._cu_seqlens, i.device)
-        dk = self._doc_ids(self._cu_k, j.device)
-        return dq[i] == dk[j]
+        # Document of position x: the d with cu[d] <= x < cu[d + 1] (empty documents are never chosen).
+        cu_k = self.cu_seqlens if self.cu_seqlens_k is None else self.cu_seqlens_k
+        dq = torch.searchsorted(self.cu_seqlens.to(i.device), i, right=True)
+        dk = torch.searchsorted(cu_k.to(j.device), j, right=True)
+        return dq == dk
 
     def classify(self, q0, q1, k0, k1, ctx):
         cq, ck = self._cu_seqlens, self._cu_k
