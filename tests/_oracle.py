@@ -77,6 +77,7 @@ def assert_close(
     factor: float,
     magnitude: float = 0.0,
     n_sum: int = 1,
+    slack: float = 1.0,
 ) -> None:
     """got's error vs the float64 ref must be <= factor x plain's error + a rounding floor (style.md §7).
 
@@ -85,6 +86,8 @@ def assert_close(
     gradients (a gradient that is exactly 0 in float64 is still a sum of rounded O(magnitude) terms).
     For float64 the plain computation *is* the oracle, so its error is 0 and says nothing; there the
     floor is the classic worst-case rounding bound of a length-`n_sum` sum, n_sum * eps * magnitude.
+    `slack` > 1 is only for classifying a known, documented deviation (see test_attention.py), never
+    for making a check pass.
     """
     if ref is None:
         assert got is None or not bool(got.abs().max() > 0), f"{name}: expected no/zero gradient"
@@ -105,7 +108,7 @@ def assert_close(
     floor = rounding_floor(max(float(r.abs().max()), magnitude), got.dtype)
     if got.dtype == torch.float64:
         floor *= max(n_sum / 2, 1)
-    bound = factor * err_plain + floor
+    bound = slack * (factor * err_plain + floor)
     worst = float(err.max())
     if worst > bound:
         idx = tuple(int(x) for x in torch.nonzero(err == err.max())[0])
