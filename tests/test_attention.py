@@ -117,9 +117,9 @@ def _cases(shapes, dtypes, layouts, marks=()):
 
 FAST = [
     *_cases(FAST_SHAPES, [torch.float32], ["contiguous"]),
-    *_cases(FAST_SHAPES[:2], [torch.bfloat16, torch.float16], ["contiguous"]),
+    *_cases(FAST_SHAPES, [torch.bfloat16, torch.float16], ["contiguous"]),
     *_cases(FAST_SHAPES[1:2], [torch.float64], ["contiguous"]),
-    *_cases(FAST_SHAPES[:1], [torch.float32], ["transposed", "expanded"]),
+    *_cases(FAST_SHAPES[:1], [torch.float32, torch.bfloat16], ["transposed", "expanded"]),
 ]
 EXHAUSTIVE = list(
     _cases(

@@ -805,5 +805,5 @@ def test_explain_a_refusing_pinned_backend_reports_instead_of_raising():
 
 def test_explain_unknown_keyword_is_a_type_error_naming_it():
     q, k, v = qkv()
-    with pytest.raises(TypeError, match=r"'maskk'"):
+    with pytest.raises(TypeError, match=r"explain\(\) got an unexpected keyword argument 'maskk'"):
         ao.explain(q, k, v, maskk=M.causal())

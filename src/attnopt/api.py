@@ -81,10 +81,38 @@ def attention(
     return out
 
 
-def explain(q: Tensor, k: Tensor, v: Tensor, **kwargs: object) -> str:
-    """Say which backend attention(q, k, v, **kwargs) runs, how, and why each other backend does not."""
-    backend = kwargs.get("backend", "auto")
-    inputs = validate(q, k, v, **kwargs, backends=list(_dispatch.BACKENDS))  # type: ignore[arg-type]
+def explain(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: MaskArg = None,
+    score_mod: ModArg = None,
+    similarity: str = "dot",
+    scale: float | None = None,
+    sinks: Tensor | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> str:
+    """Say which backend attention() with the same arguments runs, how, and why each other one does not.
+
+    Validates exactly like attention() (same errors) but computes nothing.
+    """
+    inputs = validate(
+        q,
+        k,
+        v,
+        mask=mask,
+        score_mod=score_mod,
+        similarity=similarity,
+        scale=scale,
+        sinks=sinks,
+        dropout_p=dropout_p,
+        return_lse=return_lse,
+        backend=backend,
+        backends=list(_dispatch.BACKENDS),
+    )
     reasons = _dispatch.reasons_by_backend(inputs)
     lines = [f"attnopt.attention({inputs.describe()})"]
     try:
