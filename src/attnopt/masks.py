@@ -78,6 +78,26 @@ def tile_indices(ctx: MaskContext, q0: int, q1: int, k0: int, k1: int) -> tuple[
     return b, h, i, j
 
 
+def as_4d(t: Tensor) -> Tensor:
+    """View a tensor broadcastable to (B, Hq, Sq, Sk) with exactly 4 dims (leading 1s)."""
+    return t.reshape((1,) * (4 - t.ndim) + tuple(t.shape))
+
+
+def gather_tile(t: Tensor, ctx: MaskContext, b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
+    """Entries [b, h, i, j] of t broadcast to (B, Hq, Sq, Sk) (a view plus one gather, no full copy)."""
+    return as_4d(t).expand(ctx.B, ctx.Hq, ctx.Sq, ctx.Sk)[b, h, i, j]
+
+
+def broadcast_problems(what: str, t: Tensor, ctx: MaskContext) -> list[str]:
+    """Why a user tensor cannot stand for a (B, Hq, Sq, Sk) one (device, shape); empty if it can."""
+    if t.device != ctx.device:
+        return [f"{what} is on {t.device} but q is on {ctx.device}"]
+    target = (ctx.B, ctx.Hq, ctx.Sq, ctx.Sk)
+    if t.ndim > 4 or any(s not in (1, n) for s, n in zip(reversed(t.shape), reversed(target))):
+        return [f"{what} shape {tuple(t.shape)} does not broadcast to (B, Hq, Sq, Sk)={target}"]
+    return []
+
+
 def _short_repr(obj: object, *names: str) -> str:
     """``name(a=1, b=2)``, leaving out an ``align`` that is the default."""
     parts = [f"{n}={getattr(obj, n)!r}" for n in names]
@@ -412,20 +432,11 @@ class dense(Mask):
                 f"use attnopt.mods.bias)"
             )
 
-    def as_4d(self) -> Tensor:
-        return self.mask.reshape((1,) * (4 - self.mask.ndim) + tuple(self.mask.shape))
-
     def keep(self, b, h, i, j, ctx):
-        return self.as_4d().expand(ctx.B, ctx.Hq, ctx.Sq, ctx.Sk)[b, h, i, j]
+        return gather_tile(self.mask, ctx, b, h, i, j)
 
     def check(self, ctx):
-        m = self.mask
-        if m.device != ctx.device:
-            return [f"dense mask is on {m.device} but q is on {ctx.device}"]
-        target = (ctx.B, ctx.Hq, ctx.Sq, ctx.Sk)
-        if m.ndim > 4 or any(s not in (1, t) for s, t in zip(reversed(m.shape), reversed(target))):
-            return [f"dense mask shape {tuple(m.shape)} does not broadcast to (B, Hq, Sq, Sk)={target}"]
-        return []
+        return broadcast_problems("dense mask", self.mask, ctx)
 
     def __repr__(self) -> str:
         return f"dense(shape={tuple(self.mask.shape)})"

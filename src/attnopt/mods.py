@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .masks import Align, MaskContext, _check_align
+from .masks import Align, MaskContext, _check_align, broadcast_problems, gather_tile
 
 __all__ = ["ScoreMod", "alibi", "alibi_slopes", "bias", "custom", "softcap"]
 
@@ -107,17 +107,10 @@ class bias(ScoreMod):
             )
 
     def __call__(self, score, b, h, i, j, ctx):
-        t = self.bias.reshape((1,) * (4 - self.bias.ndim) + tuple(self.bias.shape))
-        return score + t.expand(ctx.B, ctx.Hq, ctx.Sq, ctx.Sk)[b, h, i, j].to(score.dtype)
+        return score + gather_tile(self.bias, ctx, b, h, i, j).to(score.dtype)
 
     def check(self, ctx):
-        t = self.bias
-        if t.device != ctx.device:
-            return [f"bias is on {t.device} but q is on {ctx.device}"]
-        target = (ctx.B, ctx.Hq, ctx.Sq, ctx.Sk)
-        if t.ndim > 4 or any(s not in (1, n) for s, n in zip(reversed(t.shape), reversed(target))):
-            return [f"bias shape {tuple(t.shape)} does not broadcast to (B, Hq, Sq, Sk)={target}"]
-        return []
+        return broadcast_problems("bias", self.bias, ctx)
 
     def __repr__(self) -> str:
         return f"bias(shape={tuple(self.bias.shape)})"

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._inputs import AttentionInputs
-from ..masks import causal, dense, padding
+from ..masks import as_4d, causal, dense, padding
 from ..mods import bias
 from ._base import Backend
 
@@ -64,13 +64,12 @@ class SdpaBackend(Backend):
             attn_mask = (j < m.kv_lengths.to(q.device).view(-1, 1)).view(inputs.B, 1, 1, inputs.Sk)
         elif kind == "dense":
             assert isinstance(m, dense)
-            attn_mask = m.as_4d()
+            attn_mask = as_4d(m.mask)
         elif kind == "materialize":
             assert m is not None
             attn_mask = m.tile(0, inputs.Sq, 0, inputs.Sk, inputs.ctx)  # broadcastable to (B, Hq, Sq, Sk)
         if inputs.mods:
-            t = inputs.mods[0].bias
-            t = t.reshape((1,) * (4 - t.ndim) + tuple(t.shape))
+            t = as_4d(inputs.mods[0].bias)
             # SDPA adds a float attn_mask to the scores; fold the bool keep-mask in as -inf.
             attn_mask = t if attn_mask is None else t.masked_fill(~attn_mask, float("-inf"))
             if attn_mask.dtype != q.dtype:
