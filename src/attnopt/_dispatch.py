@@ -1,14 +1,18 @@
-"""One priority list; select() picks the first backend with no reasons to refuse."""
+"""select(): among the backends with no reasons to refuse, the one with the lowest rank(inputs).
+
+The list order is the tie-break; each backend's rank() holds its measured heuristics with the numbers.
+"""
 
 from __future__ import annotations
 
 from ._inputs import AttentionInputs
 from .backends._base import Backend
+from .backends.blockwise import BlockwiseBackend
 from .backends.reference import ReferenceBackend
 from .backends.sdpa import SdpaBackend
 
-# Fastest first. The reference supports every valid input, so backend="auto" never fails.
-PRIORITY: list[Backend] = [SdpaBackend(), ReferenceBackend()]
+# Tie-break order. The reference supports every valid input, so backend="auto" never fails.
+PRIORITY: list[Backend] = [SdpaBackend(), BlockwiseBackend(), ReferenceBackend()]
 BACKENDS: dict[str, Backend] = {b.name: b for b in PRIORITY}
 
 
@@ -31,8 +35,8 @@ def select(inputs: AttentionInputs, backend: str = "auto") -> Backend:
                 f"HINT: use backend='auto' (it picks a backend that can), or see attnopt.explain(...)"
             )
         return chosen
-    for b in PRIORITY:
-        if not b.not_supported_reasons(inputs):
-            return b
+    able = [b for b in PRIORITY if not b.not_supported_reasons(inputs)]
+    if able:
+        return min(able, key=lambda b: b.rank(inputs))  # min() keeps the first of equal ranks
     table = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in reasons_by_backend(inputs).items())
     raise AssertionError(f"no backend accepted valid inputs ({inputs.describe()}):\n{table}")

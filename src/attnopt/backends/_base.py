@@ -55,6 +55,10 @@ class Backend:
             r.append(f"similarity={inputs.similarity!r} is not one of {sorted(self.similarities)}")
         return r
 
+    def rank(self, inputs: AttentionInputs) -> float:
+        """Expected cost class for `inputs` (lower runs first); backends override with measured heuristics."""
+        raise NotImplementedError
+
     def plan(self, inputs: AttentionInputs) -> str:
         """One line saying how this backend would run `inputs` (for explain())."""
         return self.description

@@ -102,6 +102,9 @@ class ReferenceBackend(Backend):
     description: ClassVar[str] = "dense oracle: explicit (Sq, Sk) scores, mask, softmax, weighted sum"
     device_types: ClassVar[frozenset[str] | None] = None  # plain torch ops: any device (meta too)
 
+    def rank(self, inputs: AttentionInputs) -> float:
+        return 100.0  # the oracle: O(Sq·Sk) memory, last resort
+
     def plan(self, inputs: AttentionInputs) -> str:
         nbytes = 8 if inputs.dtype == torch.float64 else 4
         gib = inputs.B * inputs.Hq * inputs.Sq * inputs.Sk * nbytes / 2**30

@@ -36,6 +36,11 @@ class SdpaBackend(Backend):
             r.append(f"score_mod={list(inputs.mods)!r}: SDPA takes at most one additive bias tensor")
         return r
 
+    def rank(self, inputs: AttentionInputs) -> float:
+        # Native forms are torch's fastest kernel (fp32 N=8192 H=8 causal: 294 ms, ~60% of sgemm peak).
+        # A materialized mask skips nothing and costs O(Sq·Sk): a 256-wide window at N=8192 took 701 ms.
+        return 40.0 if _mask_plan(inputs)[0] == "materialize" else 0.0
+
     def plan(self, inputs: AttentionInputs) -> str:
         how = _mask_plan(inputs)[1]
         if inputs.mods:
