@@ -15,7 +15,7 @@ import attnopt as ao
 from attnopt import mods as am
 from tests._oracle import Shape, assert_close, make_leaves, oracle, upcast
 
-BACKENDS = ["sdpa", "reference"]
+BACKENDS = ["sdpa", "blockwise", "reference"]
 
 
 def textbook(q, k, v, *, keep, scale, mods=(), sinks=None, sim="dot"):
@@ -231,11 +231,11 @@ def test_dropout_is_reproducible_and_unbiased(backend):
 
 def test_explain_and_available_backends():
     q, k, v = (t.float() for t in _qkv())
-    assert ao.available_backends() == ["sdpa", "reference"]
-    text = ao.explain(q, k, v, mask=ao.causal())
+    assert ao.available_backends() == ["sdpa", "blockwise", "reference"]
+    text = ao.explain(q, k, v, mask=ao.causal("top_left"))
     assert "-> runs on 'sdpa'" in text and "reference" in text
     text = ao.explain(q, k, v, score_mod=am.softcap(5.0))
-    assert "-> runs on 'reference'" in text and "SDPA takes at most one additive bias tensor" in text
+    assert "-> runs on 'blockwise'" in text and "SDPA takes at most one additive bias tensor" in text
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

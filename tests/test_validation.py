@@ -780,17 +780,17 @@ def test_valid_input_always_runs(backend, kwargs):
 
 def test_explain_plain_causal_runs_on_sdpa():
     q, k, v = qkv()
-    text = ao.explain(q, k, v, mask=M.causal())
+    text = ao.explain(q, k, v, mask=M.causal("top_left"))  # SDPA's own is_causal alignment
     assert isinstance(text, str)
     assert "-> runs on 'sdpa'" in text
     assert re.search(r"^  sdpa\s+chosen: ", text, flags=re.MULTILINE), text
     assert re.search(r"^  reference\s+could run, lower priority", text, flags=re.MULTILINE), text
 
 
-def test_explain_with_sinks_runs_on_reference_and_says_why_not_sdpa():
+def test_explain_with_sinks_runs_blockwise_and_says_why_not_sdpa():
     q, k, v = qkv()
     text = ao.explain(q, k, v, mask=M.causal(), sinks=torch.zeros(HQ))
-    assert "-> runs on 'reference'" in text
+    assert "-> runs on 'blockwise'" in text
     assert re.search(r"^  sdpa\s+cannot run: sinks are not supported", text, flags=re.MULTILINE), text
 
 

@@ -105,7 +105,7 @@ def _forward(plan: _Plan, qf: Tensor, kf: Tensor, vf: Tensor) -> tuple[Tensor, T
     lse = qf.new_full((B, Hq, Sq), NEG_INF)  # ... with lse -inf
     for qi, q0, q1, row in plan.rows():
         m = qf.new_full((B, Hq, q1 - q0), NEG_INF)  # running max
-        l = qf.new_zeros(B, Hq, q1 - q0)  # running sum of exp(s - m)
+        denom = qf.new_zeros(B, Hq, q1 - q0)  # running sum of exp(s - m)
         acc = qf.new_zeros(B, Hq, q1 - q0, plan.Dv)  # running sum of exp(s - m) v
         for ki, k0, k1, kind in row:
             s = plan.scores(qf, kf, q0, q1, k0, k1, kind)
@@ -113,13 +113,13 @@ def _forward(plan: _Plan, qf: Tensor, kf: Tensor, vf: Tensor) -> tuple[Tensor, T
             m_safe = torch.where(m_new == NEG_INF, 0.0, m_new)  # all keys so far masked: exp() -> 0, not NaN
             alpha = torch.exp(m - m_safe)
             p = torch.exp(s - m_safe.unsqueeze(-1))
-            l = l * alpha + p.sum(-1)
+            denom = denom * alpha + p.sum(-1)
             if plan.dropout_p:
                 p = p * plan.dropout_keep(qi, ki, p.shape, p.device) / (1 - plan.dropout_p)
             acc = acc * alpha.unsqueeze(-1) + _pv(p, vf[:, :, k0:k1], B, plan.Hkv)
             m = m_new
-        empty = l == 0
-        safe = torch.where(empty, 1.0, l)
+        empty = denom == 0
+        safe = torch.where(empty, 1.0, denom)
         out[:, :, q0:q1] = acc / safe.unsqueeze(-1)
         lse[:, :, q0:q1] = torch.where(empty, NEG_INF, m + torch.log(safe))
     return out, lse
@@ -135,7 +135,7 @@ def _backward(
     sinks: Tensor | None,
 ) -> list[Tensor | None]:
     qf, kf, vf, *mod_tensors = tensors
-    B, Hq = plan.ctx.B, plan.ctx.Hq
+    B = plan.ctx.B
     delta = (dout * out).sum(-1)  # (B, Hq, Sq): rowsum(dO ∘ O) = rowsum(P ∘ dP)
     if dlse is not None:
         delta = delta - dlse  # d lse / d s = P: folds into the same softmax-backward formula
@@ -179,7 +179,7 @@ class _BlockwiseFn(torch.autograd.Function):
     def forward(
         ctx, plan: _Plan, q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, *mod_tensors: Tensor
     ):
-        B, Hq, Sq, D = q.shape
+        B, _, Sq, D = q.shape
         qf = q.to(plan.cd).view(B, plan.Hkv, plan.G, Sq, D)  # (B, Hkv, G, Sq, D): GQA folded, no copy
         kf, vf = k.to(plan.cd), v.to(plan.cd)
         out, lse = _forward(plan, qf, kf, vf)
