@@ -13,8 +13,9 @@ from attnopt import _dispatch
 from attnopt import mods as am
 from tests._oracle import DTYPE_NAMES, Shape, assert_close, make_leaves, oracle, run_and_grads, upcast, views
 
-BOTH = ("sdpa", "blockwise", "reference")  # variants torch's fused kernel can run
-REF = ("blockwise", "reference")  # variants it cannot
+ALL = ("sdpa", "span", "blockwise", "reference")  # variants torch's fused kernel can run
+SPAN = ("span", "blockwise", "reference")  # additive modifiers / sinks: span merges them, SDPA cannot
+BW = ("blockwise", "reference")  # non-additive modifiers, euclidean
 
 
 def _cuts(S: int, g: torch.Generator, n: int = 3) -> list[int]:
@@ -51,37 +52,37 @@ def _bias(s: Shape, g: torch.Generator) -> torch.Tensor:
 # name -> (kwargs builder, backends that must run it)
 Builder = Callable[[Shape, torch.Generator], dict]
 VARIANTS: dict[str, tuple[Builder, tuple[str, ...]]] = {
-    "none": (lambda s, g: {}, BOTH),
-    "causal": (lambda s, g: {"mask": ao.causal()}, BOTH),
-    "causal_topleft": (lambda s, g: {"mask": ao.causal("top_left")}, BOTH),
-    "window_16": (lambda s, g: {"mask": ao.sliding_window(16)}, BOTH),
-    "window_5_3_topleft": (lambda s, g: {"mask": ao.sliding_window(5, 3, align="top_left")}, BOTH),
-    "causal_and_window": (lambda s, g: {"mask": ao.causal() & ao.sliding_window(16)}, BOTH),
-    "document": (lambda s, g: {"mask": _docs(s, g)}, BOTH),
-    "document_and_causal": (lambda s, g: {"mask": _docs(s, g) & ao.causal()}, BOTH),
-    "prefix_lm_7": (lambda s, g: {"mask": ao.prefix_lm(7)}, BOTH),
-    "padding": (lambda s, g: {"mask": ao.padding(_lengths(s, g))}, BOTH),
-    "padding_and_causal": (lambda s, g: {"mask": ao.padding(_lengths(s, g)) & ao.causal()}, BOTH),
-    "dense": (lambda s, g: {"mask": _dense(s, g)}, BOTH),
-    "custom_mask": (lambda s, g: {"mask": ao.custom(lambda b, h, i, j: (i + j + h) % 3 != 0)}, BOTH),
-    "window_or_prefix": (lambda s, g: {"mask": ao.sliding_window(4) | ao.prefix_lm(3)}, BOTH),
-    "bias": (lambda s, g: {"score_mod": am.bias(_bias(s, g))}, BOTH),
-    "bias_and_causal": (lambda s, g: {"score_mod": am.bias(_bias(s, g)), "mask": ao.causal()}, BOTH),
-    "alibi_causal": (lambda s, g: {"mask": ao.causal(), "score_mod": am.alibi(am.alibi_slopes(s.Hq))}, REF),
-    "softcap_causal": (lambda s, g: {"mask": ao.causal(), "score_mod": am.softcap(2.0)}, REF),
-    "custom_mod": (lambda s, g: {"score_mod": lambda sc, b, h, i, j: sc * 0.5 + 0.1 * (h - j % 3)}, REF),
+    "none": (lambda s, g: {}, ALL),
+    "causal": (lambda s, g: {"mask": ao.causal()}, ALL),
+    "causal_topleft": (lambda s, g: {"mask": ao.causal("top_left")}, ALL),
+    "window_16": (lambda s, g: {"mask": ao.sliding_window(16)}, ALL),
+    "window_5_3_topleft": (lambda s, g: {"mask": ao.sliding_window(5, 3, align="top_left")}, ALL),
+    "causal_and_window": (lambda s, g: {"mask": ao.causal() & ao.sliding_window(16)}, ALL),
+    "document": (lambda s, g: {"mask": _docs(s, g)}, ALL),
+    "document_and_causal": (lambda s, g: {"mask": _docs(s, g) & ao.causal()}, ALL),
+    "prefix_lm_7": (lambda s, g: {"mask": ao.prefix_lm(7)}, ALL),
+    "padding": (lambda s, g: {"mask": ao.padding(_lengths(s, g))}, ALL),
+    "padding_and_causal": (lambda s, g: {"mask": ao.padding(_lengths(s, g)) & ao.causal()}, ALL),
+    "dense": (lambda s, g: {"mask": _dense(s, g)}, ALL),
+    "custom_mask": (lambda s, g: {"mask": ao.custom(lambda b, h, i, j: (i + j + h) % 3 != 0)}, ALL),
+    "window_or_prefix": (lambda s, g: {"mask": ao.sliding_window(4) | ao.prefix_lm(3)}, ALL),
+    "bias": (lambda s, g: {"score_mod": am.bias(_bias(s, g))}, ALL),
+    "bias_and_causal": (lambda s, g: {"score_mod": am.bias(_bias(s, g)), "mask": ao.causal()}, ALL),
+    "alibi_causal": (lambda s, g: {"mask": ao.causal(), "score_mod": am.alibi(am.alibi_slopes(s.Hq))}, SPAN),
+    "softcap_causal": (lambda s, g: {"mask": ao.causal(), "score_mod": am.softcap(2.0)}, BW),
+    "custom_mod": (lambda s, g: {"score_mod": lambda sc, b, h, i, j: sc * 0.5 + 0.1 * (h - j % 3)}, BW),
     "alibi_then_softcap": (
         lambda s, g: {"score_mod": [am.alibi(am.alibi_slopes(s.Hq)), am.softcap(3.0)]},
-        REF,
+        BW,
     ),
-    "sinks": (lambda s, g: {"sinks": torch.randn(s.Hq, generator=g)}, REF),
+    "sinks": (lambda s, g: {"sinks": torch.randn(s.Hq, generator=g)}, SPAN),
     "sinks_window": (
         lambda s, g: {"sinks": torch.randn(s.Hq, generator=g), "mask": ao.sliding_window(8)},
-        REF,
+        SPAN,
     ),
-    "cosine": (lambda s, g: {"similarity": "cosine", "scale": 4.0}, BOTH),
-    "euclidean": (lambda s, g: {"similarity": "euclidean"}, REF),
-    "scale_0.3": (lambda s, g: {"scale": 0.3}, BOTH),
+    "cosine": (lambda s, g: {"similarity": "cosine", "scale": 4.0}, ALL),
+    "euclidean": (lambda s, g: {"similarity": "euclidean"}, BW),
+    "scale_0.3": (lambda s, g: {"scale": 0.3}, ALL),
 }
 
 FAST_SHAPES = [
@@ -109,6 +110,8 @@ def _cases(shapes, dtypes, layouts, marks=()):
         shapes, dtypes, layouts, VARIANTS.items()
     ):
         for backend in backends:
+            if backend == "span" and shape.dv != shape.D:
+                continue  # the fused CPU kernel needs Dv == D (span declines; tested in capabilities)
             case_id = f"{backend}-{DTYPE_NAMES[dtype]}-{vname}-{shape}" + (
                 "" if layout == "contiguous" else f"-{layout}"
             )
@@ -138,14 +141,18 @@ def check_against_oracle(backend: str, vname: str, shape: Shape, dtype: torch.dt
     sinks_l = None if sinks is None else sinks.to(dtype).requires_grad_(True)
     sinks64 = None if sinks_l is None else sinks_l.detach().double().requires_grad_(True)
     want_lse = _dispatch.BACKENDS[backend].supports_lse
+    lse_with_grad = backend != "span"  # span returns the LSE but not its gradient
     do = torch.randn(shape.B, shape.Hq, shape.Sq, shape.dv, generator=torch.Generator().manual_seed(2))
 
-    def got_fn():
+    def got_fn(return_lse):
         return ao.attention(
-            *views(leaves, shape, layout), **kwargs, sinks=sinks_l, return_lse=want_lse, backend=backend
+            *views(leaves, shape, layout), **kwargs, sinks=sinks_l, return_lse=return_lse, backend=backend
         )
 
-    got = run_and_grads(got_fn, leaves, sinks_l, do)
+    got = run_and_grads(lambda: got_fn(want_lse and lse_with_grad), leaves, sinks_l, do)
+    if want_lse and not lse_with_grad:
+        with torch.no_grad():
+            got = (got[0], got_fn(True)[1], got[2])
     plain = run_and_grads(
         lambda: oracle(views(leaves, shape, layout), {**kwargs, "sinks": sinks_l}, compute_dtype=dtype),
         leaves,
@@ -200,8 +207,10 @@ def test_capabilities_and_auto_choice(variant):
     q, k, v = views(make_leaves(shape, torch.float32), shape, "contiguous")
     kwargs = builder(shape, torch.Generator().manual_seed(1))
     inputs = ao.api.validate(q, k, v, **kwargs, backends=list(_dispatch.BACKENDS))
+    for name in ("sdpa", "span"):
+        refusals = _dispatch.BACKENDS[name].not_supported_reasons(inputs)
+        assert (not refusals) == (name in backends), (name, refusals)
     reasons = _dispatch.BACKENDS["sdpa"].not_supported_reasons(inputs)
-    assert (not reasons) == ("sdpa" in backends), reasons
     chosen = _dispatch.select(inputs).name
     assert chosen != "reference", "auto must not route to the O(Sq·Sk) oracle what a faster backend runs"
     if _dispatch.BACKENDS["sdpa"].rank(inputs) == 0 and not reasons:

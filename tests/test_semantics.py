@@ -15,7 +15,7 @@ import attnopt as ao
 from attnopt import mods as am
 from tests._oracle import Shape, assert_close, make_leaves, oracle, upcast
 
-BACKENDS = ["sdpa", "blockwise", "reference"]
+BACKENDS = ["sdpa", "span", "blockwise", "reference"]
 
 
 def textbook(q, k, v, *, keep, scale, mods=(), sinks=None, sim="dot"):
@@ -206,7 +206,7 @@ def test_sinks_gradcheck_and_lse_includes_sink():
     torch.testing.assert_close(lse, torch.logaddexp(lse_no_sink, sinks.view(1, 2, 1)))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "span"])  # span declines dropout
 def test_dropout_is_reproducible_and_unbiased(backend):
     q, k, v = (t.float() for t in _qkv(1, 2, 2, 4, 6, 8, 3))
     exact = ao.attention(q, k, v, backend=backend)
@@ -231,7 +231,7 @@ def test_dropout_is_reproducible_and_unbiased(backend):
 
 def test_explain_and_available_backends():
     q, k, v = (t.float() for t in _qkv())
-    assert ao.available_backends() == ["sdpa", "blockwise", "reference"]
+    assert ao.available_backends() == ["sdpa", "span", "blockwise", "reference"]
     text = ao.explain(q, k, v, mask=ao.causal("top_left"))
     assert "-> runs on 'sdpa'" in text and "reference" in text
     text = ao.explain(q, k, v, score_mod=am.softcap(5.0))
@@ -244,6 +244,11 @@ def test_bias_is_differentiable(backend, bias_shape):
     q, k, v = (t.float() for t in _qkv(1, 4, 2, 6, 9, 8, 8))
     g = torch.Generator().manual_seed(3)
     b32 = torch.randn(*bias_shape, generator=g).requires_grad_(True)
+    if backend == "span":  # it folds the bias into its edge masks without a gradient: it must refuse
+        with pytest.raises(NotImplementedError, match="bias / alibi tensor requires grad"):
+            ao.attention(q, k, v, score_mod=am.bias(b32), mask=ao.causal(), backend=backend)
+        assert "-> runs on 'span'" not in ao.explain(q, k, v, score_mod=am.bias(b32), mask=ao.causal())
+        return
     b64 = b32.detach().double().requires_grad_(True)
     plain32 = b32.detach().clone().requires_grad_(True)
     kwargs = {"mask": ao.causal()}

@@ -787,10 +787,10 @@ def test_explain_plain_causal_runs_on_sdpa():
     assert re.search(r"^  reference\s+could run, lower priority", text, flags=re.MULTILINE), text
 
 
-def test_explain_with_sinks_runs_blockwise_and_says_why_not_sdpa():
+def test_explain_with_sinks_runs_span_and_says_why_not_sdpa():
     q, k, v = qkv()
     text = ao.explain(q, k, v, mask=M.causal(), sinks=torch.zeros(HQ))
-    assert "-> runs on 'blockwise'" in text
+    assert "-> runs on 'span'" in text
     assert re.search(r"^  sdpa\s+cannot run: sinks are not supported", text, flags=re.MULTILINE), text
 
 

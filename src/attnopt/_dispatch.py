@@ -10,9 +10,10 @@ from .backends._base import Backend
 from .backends.blockwise import BlockwiseBackend
 from .backends.reference import ReferenceBackend
 from .backends.sdpa import SdpaBackend
+from .backends.span import SpanBackend
 
 # Tie-break order. The reference supports every valid input, so backend="auto" never fails.
-PRIORITY: list[Backend] = [SdpaBackend(), BlockwiseBackend(), ReferenceBackend()]
+PRIORITY: list[Backend] = [SdpaBackend(), SpanBackend(), BlockwiseBackend(), ReferenceBackend()]
 BACKENDS: dict[str, Backend] = {b.name: b for b in PRIORITY}
 
 

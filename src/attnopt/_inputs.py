@@ -76,8 +76,14 @@ class AttentionInputs:
 
     @property
     def requires_grad(self) -> bool:
-        ts = [self.q, self.k, self.v, self.sinks]
-        return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+        ts = [
+            self.q,
+            self.k,
+            self.v,
+            self.sinks,
+            *(getattr(m, n, None) for m in self.mods for n in ("bias", "slopes")),
+        ]
+        return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in ts)
 
     def describe(self) -> str:
         parts = [f"q {_desc(self.q)}", f"k {_desc(self.k)}", f"v {_desc(self.v)}"]

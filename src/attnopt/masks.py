@@ -98,6 +98,11 @@ def broadcast_problems(what: str, t: Tensor, ctx: MaskContext) -> list[str]:
     return []
 
 
+def _clip(lo: int, hi: int, ctx: MaskContext) -> tuple[int, int]:
+    lo, hi = max(lo, 0), min(hi, ctx.Sk)
+    return (lo, hi) if lo < hi else (0, 0)
+
+
 def _short_repr(obj: object, *names: str) -> str:
     """``name(a=1, b=2)``, leaving out an ``align`` that is the default."""
     parts = [f"{n}={getattr(obj, n)!r}" for n in names]
@@ -144,6 +149,10 @@ class Mask:
     def tile(self, q0: int, q1: int, k0: int, k1: int, ctx: MaskContext) -> Tensor:
         return self.keep(*tile_indices(ctx, q0, q1, k0, k1), ctx)
 
+    def key_range(self, q0: int, q1: int, ctx: MaskContext) -> tuple[int, int]:
+        """Keys [lo, hi) outside which queries [q0, q1) keep nothing (a bound; may be loose)."""
+        return 0, ctx.Sk
+
     def check(self, ctx: MaskContext) -> list[str]:
         """Shape-dependent problems for this problem size (empty list = fine)."""
         return []
@@ -185,6 +194,11 @@ class And(Mask):
             return Tile.EMPTY
         return Tile.FULL if ca is cb is Tile.FULL else Tile.PARTIAL
 
+    def key_range(self, q0, q1, ctx):
+        (a0, a1), (b0, b1) = self.a.key_range(q0, q1, ctx), self.b.key_range(q0, q1, ctx)
+        lo, hi = max(a0, b0), min(a1, b1)
+        return (lo, hi) if lo < hi else (0, 0)
+
     def check(self, ctx):
         return self.a.check(ctx) + self.b.check(ctx)
 
@@ -214,6 +228,10 @@ class Or(Mask):
             return Tile.FULL
         return Tile.EMPTY if ca is cb is Tile.EMPTY else Tile.PARTIAL
 
+    def key_range(self, q0, q1, ctx):
+        ranges = [r for r in (self.a.key_range(q0, q1, ctx), self.b.key_range(q0, q1, ctx)) if r[0] < r[1]]
+        return (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else (0, 0)
+
     def check(self, ctx):
         return self.a.check(ctx) + self.b.check(ctx)
 
@@ -241,6 +259,9 @@ class causal(Mask):
         if k1 - 1 <= q0 + off:
             return Tile.FULL
         return Tile.EMPTY if k0 > q1 - 1 + off else Tile.PARTIAL
+
+    def key_range(self, q0, q1, ctx):
+        return _clip(0, q1 + ctx.offset(self.align), ctx)
 
     def __repr__(self) -> str:
         return _short_repr(self)
@@ -273,6 +294,10 @@ class sliding_window(Mask):
             return Tile.EMPTY
         return Tile.PARTIAL
 
+    def key_range(self, q0, q1, ctx):
+        off = ctx.offset(self.align)
+        return _clip(q0 + off - self.left, q1 + off + self.right, ctx)
+
     def __repr__(self) -> str:
         return _short_repr(self, "left", "right")
 
@@ -299,6 +324,9 @@ class prefix_lm(Mask):
             return Tile.EMPTY
         return Tile.PARTIAL
 
+    def key_range(self, q0, q1, ctx):
+        return _clip(0, max(self.prefix_len, q1 + ctx.offset(self.align)), ctx)
+
     def __repr__(self) -> str:
         return _short_repr(self, "prefix_len")
 
@@ -324,6 +352,9 @@ class padding(Mask):
         if k1 - 1 < self._min:
             return Tile.FULL
         return Tile.EMPTY if k0 >= self._max else Tile.PARTIAL
+
+    def key_range(self, q0, q1, ctx):
+        return _clip(0, self._max, ctx)
 
     def check(self, ctx):
         n = self.kv_lengths.numel()
@@ -393,6 +424,11 @@ class document(Mask):
             if max(cq[d], q0) < min(cq[d + 1], q1) and max(ck[d], k0) < min(ck[d + 1], k1):
                 return Tile.PARTIAL
         return Tile.EMPTY
+
+    def key_range(self, q0, q1, ctx):
+        cq, ck = self._cu_seqlens, self._cu_k
+        d0, d1 = bisect.bisect_right(cq, q0) - 1, bisect.bisect_right(cq, q1 - 1) - 1
+        return _clip(ck[max(d0, 0)], ck[min(d1 + 1, len(ck) - 1)], ctx)
 
     def check(self, ctx):
         problems = []
