@@ -541,3 +541,42 @@ def test_composition_rejects_non_masks(op, other):
         _ = (m & other) if op == "and" else (m | other)
     with pytest.raises(TypeError):  # the reflected order never builds a mask either
         _ = (other & m) if op == "and" else (other | m)
+
+
+# --------------------------------------------------------------------------------------------------
+# key_range(q0, q1): a bound on the keys a block of queries can see (span/blockwise skip the rest)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_key_range_bounds_every_visible_key(seed):
+    g = torch.Generator().manual_seed(100 + seed)
+
+    def rint(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+    for _ in range(10):
+        B, Sq, Sk = 2, rint(1, 24), rint(1, 24)
+        ctx = masks.MaskContext(B, 2, Sq, Sk)
+        align = "top_left" if rint(0, 1) else "bottom_right"
+
+        def cuts(S):
+            return [0, *sorted(rint(0, S) for _ in range(2)), S]
+
+        prims = [
+            masks.causal(align),
+            masks.sliding_window(rint(0, 5), rint(0, 5), align=align),
+            masks.prefix_lm(rint(0, 10), align=align),
+            masks.padding(torch.tensor([rint(0, Sk), rint(0, Sk)])),
+            masks.document(cuts(Sq), cuts(Sk)),
+        ]
+        all_masks = prims + [a & b for a in prims for b in prims] + [a | b for a in prims for b in prims]
+        for m in all_masks:
+            full = m.tile(0, Sq, 0, Sk, ctx).expand(B, 2, Sq, Sk)
+            for q0 in range(Sq):
+                for q1 in range(q0 + 1, Sq + 1):
+                    lo, hi = m.key_range(q0, q1, ctx)
+                    outside = full[:, :, q0:q1].clone()
+                    outside[..., lo:hi] = False
+                    assert not outside.any(), (
+                        f"{m!r} Sq={Sq} Sk={Sk} rows [{q0},{q1}) see keys outside [{lo},{hi})"
+                    )
