@@ -78,6 +78,14 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    """Time attnopt against SDPA, compiled FlexAttention and eager PyTorch (see attnopt.bench)."""
+    _console()  # a clear exit when rich is missing
+    from attnopt.bench import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attnopt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=1024, help="sequence length (default 1024)")
     p.set_defaults(fn=demo)
     sub.add_parser("info", help="versions and available backends").set_defaults(fn=info)
+    from attnopt.bench import add_arguments as bench_arguments
+
+    p = sub.add_parser("bench", help="time attnopt against SDPA, FlexAttention and eager PyTorch")
+    bench_arguments(p)
+    p.set_defaults(fn=bench)
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -136,6 +136,8 @@ def _int_tensor(name: str, value: Tensor | Sequence[int]) -> Tensor:
 class Mask:
     """Base of all mask descriptors."""
 
+    translation_invariant: bool = False  # keep() depends on (i - j) alone (given Sq, Sk): tiles repeat
+
     def keep(self, b: Tensor, h: Tensor, i: Tensor, j: Tensor, ctx: MaskContext) -> Tensor:
         raise NotImplementedError
 
@@ -182,6 +184,10 @@ class And(Mask):
     a: Mask
     b: Mask
 
+    @property
+    def translation_invariant(self) -> bool:  # type: ignore[override]
+        return self.a.translation_invariant and self.b.translation_invariant
+
     def keep(self, b, h, i, j, ctx):
         return self.a.keep(b, h, i, j, ctx) & self.b.keep(b, h, i, j, ctx)
 
@@ -216,6 +222,10 @@ class Or(Mask):
     a: Mask
     b: Mask
 
+    @property
+    def translation_invariant(self) -> bool:  # type: ignore[override]
+        return self.a.translation_invariant and self.b.translation_invariant
+
     def keep(self, b, h, i, j, ctx):
         return self.a.keep(b, h, i, j, ctx) | self.b.keep(b, h, i, j, ctx)
 
@@ -246,6 +256,8 @@ class Or(Mask):
 class causal(Mask):
     """Causal mask (Vaswani et al. 2017): keep j <= p, p the aligned query position."""
 
+    translation_invariant = True
+
     align: Align = "bottom_right"
 
     def __post_init__(self):
@@ -270,6 +282,8 @@ class causal(Mask):
 @dataclass(frozen=True)
 class sliding_window(Mask):
     """Local attention (Beltagy et al. 2020, Mistral): keep p - left <= j <= p + right."""
+
+    translation_invariant = True
 
     left: int
     right: int = 0

@@ -37,9 +37,13 @@ class SdpaBackend(Backend):
         return r
 
     def rank(self, inputs: AttentionInputs) -> float:
-        # Native forms are torch's fastest kernel (fp32 N=8192 H=8 causal: 294 ms, ~60% of sgemm peak).
-        # A materialized mask skips nothing and costs O(Sq·Sk): a 256-wide window at N=8192 took 701 ms.
-        return 40.0 if _mask_plan(inputs)[0] == "materialize" else 0.0
+        # Native forms are torch's fastest kernel (design.md §4: fp32 N=8192 H=8 causal 294 ms, ~60% of
+        # the sgemm peak). A materialized mask skips nothing and costs O(Sq·Sk) memory: window 256 at
+        # N=8192 took 1557 ms vs span's 87 ms. Below Sq·Sk = 512², the mask is small and one fused call
+        # beats span's per-block calls (padding & causal, B=2, N=512: 9.6 vs 10.5 ms; N=128: 1.0 vs 1.9).
+        if _mask_plan(inputs)[0] != "materialize":
+            return 0.0
+        return 5.0 if inputs.Sq * inputs.Sk <= 512 * 512 else 40.0
 
     def plan(self, inputs: AttentionInputs) -> str:
         how = _mask_plan(inputs)[1]

@@ -13,7 +13,7 @@ is_available(), which probes it once, so a torch that changes it makes this back
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -28,10 +28,13 @@ from ._base import Backend
 
 NEG_INF = float("-inf")
 
-# Query rows per block and the key granularity of the classification. Measured on 2 cores (fp32, H=8,
-# D=64, N=8192, window 256): bq=128 -> 57 ms, 256 -> 71 ms (wider spans), 64 -> 66 ms (call overhead).
+# Query rows per block and the key granularity of the classification. Measured on 2 cores (H=8, D=64,
+# N=8192, window 256, ms for (BLOCK_Q, TILE_K)): fp32 (64, 64) 77, (128, 64) 62, (256, 64) 76,
+# (128, 128) 79; bf16 (64, 64) 59, (128, 64) 47, (256, 64) 60. Wider blocks compute more masked-out
+# scores (a block's span is BLOCK_Q + window keys), narrower ones pay per-call overhead.
 BLOCK_Q = 128
 TILE_K = 64
+SPLIT_KEYS = 1024
 
 
 def _fwd_op(q, k, v, mask, scale):
@@ -77,12 +80,22 @@ class _Plan:
     ctx: MaskContext
     Hkv: int
     G: int
-    pieces: tuple[tuple[_Piece, ...], ...]  # per query block
+    blocks: tuple[tuple[int, int, tuple[_Piece, ...]], ...]  # (q0, q1, kernel calls) per query block
+    # Masks and modifiers that depend on (i - j) alone give every interior block the same edge mask:
+    # build it once per call (for a 256-wide window at N=8192 that is 1 build instead of 64).
+    cache: dict = field(default_factory=dict)
 
-    def additive_mask(self, p: _Piece, dtype: torch.dtype) -> Tensor | None:
-        """(Bt, Hkv or 1, G*bq, span) float mask in the kernel's dtype: 0 / -inf (+ bias), rows folded."""
+    def additive_mask(self, p: _Piece, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+        """(Bt, Hkv or 1, G*bq, span) float mask 0 / -inf (+ bias) in the kernel's dtype, rows folded,
+        and the rows it leaves with no key at all (None if there are none)."""
         if not p.masked:
-            return None
+            return None, None
+        invariant = (self.mask is None or self.mask.translation_invariant) and all(
+            isinstance(m, alibi) for m in self.mods
+        )
+        key = (p.q0 - p.k0, p.q1 - p.q0, p.k1 - p.k0, dtype) if invariant else None
+        if key in self.cache:
+            return self.cache[key]
         b, h, i, j = tile_indices(self.ctx, p.q0, p.q1, p.k0, p.k1)
         add = torch.zeros((), dtype=torch.float32)
         for mod in self.mods:  # alibi / bias: additive, independent of the score
@@ -90,7 +103,12 @@ class _Plan:
         if self.mask is not None:
             add = torch.where(self.mask.keep(b, h, i, j, self.ctx), add, NEG_INF)
         add = add.expand(add.shape[0], add.shape[1], p.q1 - p.q0, p.k1 - p.k0)  # (Bt, Hq or 1, bq, span)
-        return _fold_rows(add, self.Hkv, self.G).to(dtype)
+        add = _fold_rows(add, self.Hkv, self.G).to(dtype)
+        empty = torch.isinf(add).all(-1)  # the kernel reports lse 0 for such rows; we need -inf
+        result = (add, empty if bool(empty.any()) else None)
+        if key is not None:
+            self.cache[key] = result
+        return result
 
 
 def _fold_rows(t: Tensor, Hkv: int, G: int) -> Tensor:
@@ -101,55 +119,68 @@ def _fold_rows(t: Tensor, Hkv: int, G: int) -> Tensor:
     return t.reshape(Bt, Hkv, G * bq, X)
 
 
+def _glue(q0: int, q1: int, runs: list[list], has_mods: bool) -> tuple[_Piece, ...]:
+    """Turn [kind, k0, k1] runs into kernel calls: long FULL runs alone, long gaps skipped, rest glued."""
+    pieces: list[_Piece] = []
+    glued: list[list] = []
+    for run in [*runs, None]:  # None flushes the last glued group
+        long = run is not None and run[2] - run[1] >= SPLIT_KEYS
+        alone = run is not None and run[0] is Tile.FULL and long and not has_mods
+        if run is None or alone or (run[0] is Tile.EMPTY and (long or not glued)):
+            while glued and glued[-1][0] is Tile.EMPTY:  # a group never ends in a gap
+                glued.pop()
+            if glued:
+                masked = has_mods or any(r[0] is not Tile.FULL for r in glued)
+                pieces.append(_Piece(q0, q1, glued[0][1], glued[-1][2], masked))
+            glued = []
+            if alone:
+                pieces.append(_Piece(q0, q1, run[1], run[2], False))
+        else:
+            glued.append(run)
+    return tuple(pieces)
+
+
 def _pieces(
     mask: Mask | None, mods: tuple[ScoreMod, ...], ctx: MaskContext
-) -> tuple[tuple[_Piece, ...], ...]:
-    """Split each query block's visible keys into runs of FULL (no mask) and PARTIAL (edge mask) tiles."""
+) -> tuple[tuple[int, int, tuple[_Piece, ...]], ...]:
+    """Per query block, the kernel calls: long FULL runs of keys alone (no mask), the rest glued.
+
+    One masked call over a whole window span costs ~8% more kernel time than an unmasked one, while
+    every extra call costs a merge and ~0.1 ms of overhead; so FULL runs shorter than SPLIT_KEYS and
+    EMPTY gaps shorter than SPLIT_KEYS are glued into their neighbours' masked piece.
+    """
     rows = []
     for q0 in range(0, ctx.Sq, BLOCK_Q):
         q1 = min(q0 + BLOCK_Q, ctx.Sq)
         lo, hi = (0, ctx.Sk) if mask is None else mask.key_range(q0, q1, ctx)
-        runs: list[list] = []  # [k0, k1, masked]
+        runs: list[list] = []  # [kind, k0, k1] of equal-kind neighbouring tiles
         for k0 in range(lo, hi, TILE_K):
             k1 = min(k0 + TILE_K, hi)
             kind = Tile.FULL if mask is None else mask.classify(q0, q1, k0, k1, ctx)
-            if kind is Tile.EMPTY:
-                runs.append(None)  # a gap splits runs
-                continue
-            masked = kind is Tile.PARTIAL or bool(mods)
-            if runs and runs[-1] is not None and runs[-1][2] == masked:
-                runs[-1][1] = k1
+            if runs and runs[-1][0] is kind:
+                runs[-1][2] = k1
             else:
-                runs.append([k0, k1, masked])
-        rows.append(tuple(_Piece(q0, q1, r[0], r[1], r[2]) for r in runs if r is not None))
+                runs.append([kind, k0, k1])
+        rows.append((q0, q1, _glue(q0, q1, runs, bool(mods))))
     return tuple(rows)
-
-
-def _rows_empty(add: Tensor | None, shape: tuple[int, ...]) -> Tensor | None:
-    """Rows whose every key is -inf in this piece: the kernel reports lse 0 for them, we need -inf."""
-    if add is None:
-        return None
-    return torch.isinf(add).all(-1).expand(shape) if add.numel() else None
 
 
 class _SpanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: _Plan, q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None):
         B, Hq, Sq, D = q.shape
-        out = q.new_zeros(B, Hq, Sq, D)
-        lse = torch.full(
-            (B, Hq, Sq), NEG_INF, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32
-        )
-        for row in plan.pieces:
+        out = q.new_empty(B, Hq, Sq, D)  # every block writes its rows: blocks with no key write 0 / -inf
+        lse = q.new_empty((B, Hq, Sq), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+        for q0, q1, row in plan.blocks:
             if not row:
+                out[:, :, q0:q1] = 0
+                lse[:, :, q0:q1] = NEG_INF
                 continue
-            q0, q1 = row[0].q0, row[0].q1
             qb = q[:, :, q0:q1].reshape(B, plan.Hkv, plan.G * (q1 - q0), D)  # (B, Hkv, G*bq, D)
             outs, lses = [], []
             for p in row:
-                add = plan.additive_mask(p, q.dtype)
+                add, empty = plan.additive_mask(p, q.dtype)
                 o, part_lse = _fwd_op(qb, k[:, :, p.k0 : p.k1], v[:, :, p.k0 : p.k1], add, plan.scale)
-                empty = _rows_empty(add, part_lse.shape)
                 if empty is not None:
                     part_lse = torch.where(empty, NEG_INF, part_lse)
                 outs.append(o)
@@ -174,10 +205,9 @@ class _SpanFn(torch.autograd.Function):
         lse_safe = torch.where(torch.isinf(lse), 0.0, lse)  # empty rows: every s is -inf, P = 0
         acc = lse.dtype  # float32 accumulators (float64 for float64 inputs), cast at the end
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
-        for row in plan.pieces:
+        for q0, q1, row in plan.blocks:
             if not row:
                 continue
-            q0, q1 = row[0].q0, row[0].q1
             fold = (B, plan.Hkv, plan.G * (q1 - q0))
             qb = q[:, :, q0:q1].reshape(*fold, D)
             ob = out[:, :, q0:q1].reshape(*fold, D)
@@ -185,7 +215,7 @@ class _SpanFn(torch.autograd.Function):
             lb = lse_safe[:, :, q0:q1].reshape(fold)
             dqb = torch.zeros(*fold, D, dtype=dk.dtype)
             for p in row:
-                add = plan.additive_mask(p, q.dtype)
+                add, _ = plan.additive_mask(p, q.dtype)
                 gq, gk, gv = _bwd_op(
                     dob, qb, k[:, :, p.k0 : p.k1], v[:, :, p.k0 : p.k1], ob, lb, add, plan.scale
                 )
@@ -240,12 +270,14 @@ class SpanBackend(Backend):
         return r
 
     def rank(self, inputs: AttentionInputs) -> float:
-        # Window 256 at N=8192 fp32: span 57 ms vs blockwise ~300 ms vs SDPA dense mask 701 ms.
+        # Window 256, N=8192, fp32, H=8, 2 threads: span 87 ms, blockwise 248 ms, SDPA with the
+        # materialized mask 1557 ms. Padding & causal, B=2: N=2048 span 130 ms vs SDPA 155 ms, but at
+        # N=512 10.5 vs 9.6 ms and N=128 1.9 vs 1.0 ms; sdpa.rank() takes those small problems.
         return 10.0
 
     def plan(self, inputs: AttentionInputs) -> str:
         plan = _make_plan(inputs)
-        pieces = [p for row in plan.pieces for p in row]
+        pieces = [p for _, _, row in plan.blocks for p in row]
         kept = sum((p.q1 - p.q0) * (p.k1 - p.k0) for p in pieces)
         frac = kept / (inputs.Sq * inputs.Sk)
         n_masked = sum(p.masked for p in pieces)

@@ -1,0 +1,66 @@
+"""`attnopt bench`: attnopt against torch SDPA, compiled FlexAttention and eager PyTorch, same run.
+
+Named presets (``attnopt bench --list``) × sequence lengths × dtypes × forward / forward+backward.
+Each measurement reports the median time over repeats (after a warm-up), the ratio of each peer to
+attnopt (peer time / attnopt time: > 1 means attnopt is faster), the peak memory of one call (see
+``attnopt.bench.measure``), a rich table, and a final JSON line on stdout. A peer that cannot run says
+``n/a (reason)``. ``--goals`` runs the project's goal measurements and says met / missed for each.
+
+Benchmarks are never tests: timings on shared machines are noisy, so compare ratios from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The `attnopt bench` options (no heavy imports here: the CLI builds its parser eagerly)."""
+    p.add_argument("--preset", action="append", metavar="NAME", help="preset (repeatable; default: all)")
+    p.add_argument(
+        "--n", action="append", type=int, metavar="N", help="sequence / KV length (repeatable; default 4096)"
+    )
+    p.add_argument("--dtype", action="append", choices=("fp32", "bf16"), help="repeatable; default fp32")
+    p.add_argument("--mode", action="append", choices=("fwd", "fwdbwd"), help="repeatable; default fwd")
+    p.add_argument(
+        "--peer",
+        action="append",
+        choices=("sdpa", "flex", "eager"),
+        help="peers besides attnopt (repeatable; default all; --quick leaves out flex)",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=None, help="timed samples per measurement (default 5; --quick 3)"
+    )
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--batch", type=int, default=1, help="B (default 1)")
+    p.add_argument("--heads", type=int, default=8, help="Hq (default 8; Hkv = Hq except decode_gqa: 2)")
+    p.add_argument("--head-dim", type=int, default=64, help="D (default 64)")
+    p.add_argument(
+        "--mem-budget-gib",
+        type=float,
+        default=6.0,
+        help="peers whose N×N tensors would exceed this are n/a (default 6)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="every preset, N=1024, fp32 fwd, 3 repeats, no flex (< 1 min)"
+    )
+    p.add_argument(
+        "--goals",
+        action="store_true",
+        help="run exactly the goal measurements, print met / missed (ignores --preset/--n/--dtype/--mode/--peer)",
+    )
+    p.add_argument("--json", metavar="PATH", help="also write the JSON results to PATH")
+    p.add_argument("--list", action="store_true", help="list the presets and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of `attnopt bench` (imports torch lazily)."""
+    if args.goals:
+        from .goals import run_goals
+
+        return run_goals(args)
+    from .grid import run_grid
+
+    return run_grid(args)
