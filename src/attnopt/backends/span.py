@@ -13,6 +13,7 @@ is_available(), which probes it once, so a torch that changes it makes this back
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -35,6 +36,7 @@ NEG_INF = float("-inf")
 BLOCK_Q = 128
 TILE_K = 64
 SPLIT_KEYS = 1024
+BIAS_CHUNK = 512
 
 
 def _fwd_op(q, k, v, mask, scale):
@@ -140,6 +142,17 @@ def _glue(q0: int, q1: int, runs: list[list], has_mods: bool) -> tuple[_Piece, .
     return tuple(pieces)
 
 
+def _chunks(p: _Piece) -> list[_Piece]:
+    """Cut a piece at keys q0 - m*BIAS_CHUNK: every block then shares the same (q0 - k0) offsets, so
+    the additive ALiBi mask of each chunk is built once per call instead of once per block."""
+    cuts = sorted(
+        {p.k0, p.k1}
+        | {c for c in range(p.q0, p.k0, -BIAS_CHUNK) if p.k0 < c < p.k1}
+        | {c for c in range(p.q0, p.k1, BIAS_CHUNK) if p.k0 < c < p.k1}
+    )
+    return [_Piece(p.q0, p.q1, a, b, p.masked) for a, b in itertools.pairwise(cuts)]
+
+
 def _pieces(
     mask: Mask | None, mods: tuple[ScoreMod, ...], ctx: MaskContext
 ) -> tuple[tuple[int, int, tuple[_Piece, ...]], ...]:
@@ -161,7 +174,10 @@ def _pieces(
                 runs[-1][2] = k1
             else:
                 runs.append([kind, k0, k1])
-        rows.append((q0, q1, _glue(q0, q1, runs, bool(mods))))
+        pieces = _glue(q0, q1, runs, bool(mods))
+        if mods and (mask is None or mask.translation_invariant) and all(isinstance(m, alibi) for m in mods):
+            pieces = tuple(c for p in pieces for c in _chunks(p))
+        rows.append((q0, q1, pieces))
     return tuple(rows)
 
 
