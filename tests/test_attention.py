@@ -182,7 +182,7 @@ def check_against_oracle(backend: str, vname: str, shape: Shape, dtype: torch.dt
         try:
             assert_close(name, g, p, r, 3, magnitude=grad_scale, n_sum=n_sum, zero_magnitude=terms)
         except AssertionError as e:
-            if not (backend == "sdpa" and dtype == torch.float32):
+            if not (backend in ("sdpa", "span") and dtype == torch.float32):  # both run that kernel
                 raise
             # torch's fused CPU kernel evaluates exp with a 2-ULP approximation (exp_u20, pytorch PR
             # #115151) and recomputes P = exp(s - lse) in its backward, so at logits >~ 10 its fp32

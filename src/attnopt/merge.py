@@ -51,3 +51,12 @@ def add_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
     new_lse = torch.logaddexp(lse, sink)
     scale = torch.exp(lse - new_lse)  # exp(-inf) = 0 for empty rows; new_lse is finite (= sink) there
     return (out.to(scale.dtype) * scale.unsqueeze(-1)).to(out.dtype), new_lse
+
+
+def sinks_grad(sinks: Tensor, lse: Tensor, delta: Tensor) -> Tensor:
+    """d loss / d sinks (Hq,) given the final lse (B, Hq, Sq) and delta = rowsum(dO ∘ O) - dlse.
+
+    The sink is a softmax column with no value: d sink[h] = -sum over (b, i) of p_sink[b, h, i] * delta.
+    """
+    p_sink = torch.exp(sinks.to(lse.dtype).view(1, -1, 1) - lse)
+    return -(p_sink * delta.to(lse.dtype)).sum(dim=(0, 2)).to(sinks.dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._inputs import AttentionInputs
@@ -66,3 +67,9 @@ class Backend:
     def forward(self, inputs: AttentionInputs) -> tuple[Tensor, Tensor | None]:
         """Return out (B, Hq, Sq, Dv) in the input dtype and, if inputs.return_lse, lse (B, Hq, Sq)."""
         raise NotImplementedError
+
+
+def unit_qk(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """Cosine similarity as a dot product: q and k scaled to unit length (in float32 at least)."""
+    cd = torch.promote_types(q.dtype, torch.float32)
+    return F.normalize(q.to(cd), dim=-1).to(q.dtype), F.normalize(k.to(cd), dim=-1).to(k.dtype)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .._inputs import AttentionInputs
 from ..masks import Mask, MaskContext, Tile, tile_indices
-from ..merge import add_sinks
+from ..merge import add_sinks, sinks_grad
 from ..mods import ScoreMod, alibi, bias
 from ..mods import custom as custom_mod
 from ._base import Backend
@@ -167,10 +167,7 @@ def _backward(
             g = next(grads) if t.requires_grad else None
             if g is not None:
                 acc += g
-    dsinks = None
-    if sinks is not None:  # d sink[h] = -sum over (b, i) of p_sink * (Δ - dlse)
-        p_sink = torch.exp(sinks.to(lse.dtype).view(1, -1, 1) - lse)
-        dsinks = -(p_sink * delta).sum(dim=(0, 2))
+    dsinks = None if sinks is None else sinks_grad(sinks, lse, delta)
     return [dq, dk, dv, dsinks, *dmods]
 
 

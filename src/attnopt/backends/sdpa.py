@@ -18,7 +18,7 @@ from torch import Tensor
 from .._inputs import AttentionInputs
 from ..masks import as_4d, causal, dense, padding
 from ..mods import bias
-from ._base import Backend
+from ._base import Backend, unit_qk
 
 
 class SdpaBackend(Backend):
@@ -60,9 +60,7 @@ class SdpaBackend(Backend):
     def forward(self, inputs: AttentionInputs) -> tuple[Tensor, Tensor | None]:
         q, k, v, m = inputs.q, inputs.k, inputs.v, inputs.mask
         if inputs.similarity == "cosine":  # cosine = dot product of unit vectors
-            cd = torch.promote_types(q.dtype, torch.float32)  # normalize in float32, float64 for float64
-            q = F.normalize(q.to(cd), dim=-1).to(q.dtype)
-            k = F.normalize(k.to(cd), dim=-1).to(k.dtype)
+            q, k = unit_qk(q, k)
         kind = _mask_plan(inputs)[0]
         attn_mask: Tensor | None = None
         is_causal, zero_rows = kind in ("is_causal", "tail"), 0

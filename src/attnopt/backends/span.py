@@ -18,14 +18,13 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .._inputs import AttentionInputs
 from ..masks import Mask, MaskContext, Tile, tile_indices
-from ..merge import add_sinks, merge
+from ..merge import add_sinks, merge, sinks_grad
 from ..mods import ScoreMod, alibi, bias
-from ._base import Backend
+from ._base import Backend, unit_qk
 
 NEG_INF = float("-inf")
 
@@ -240,11 +239,8 @@ class _SpanFn(torch.autograd.Function):
                 dv[:, :, p.k0 : p.k1] += gv
             dq[:, :, q0:q1] = dqb.reshape(B, Hq, q1 - q0, D).to(q.dtype)
         dsinks = None
-        if ctx.has_sinks:  # d sink[h] = -sum over (b, i) of p_sink * rowsum(dO ∘ O)
-            delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
-            dsinks = (
-                -(torch.exp(sinks.to(lse.dtype).view(1, -1, 1) - lse) * delta).sum(dim=(0, 2)).to(sinks.dtype)
-            )
+        if ctx.has_sinks:
+            dsinks = sinks_grad(sinks, lse, (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1))
         return None, dq, dk.to(k.dtype), dv.to(v.dtype), dsinks
 
 
@@ -305,8 +301,7 @@ class SpanBackend(Backend):
     def forward(self, inputs: AttentionInputs) -> tuple[Tensor, Tensor | None]:
         q, k = inputs.q, inputs.k
         if inputs.similarity == "cosine":
-            cd = torch.promote_types(q.dtype, torch.float32)
-            q, k = F.normalize(q.to(cd), dim=-1).to(q.dtype), F.normalize(k.to(cd), dim=-1).to(k.dtype)
+            q, k = unit_qk(q, k)
         out, lse = _SpanFn.apply(_make_plan(inputs), q, k, inputs.v, inputs.sinks)
         return out, lse if inputs.return_lse else None
 
