@@ -99,10 +99,12 @@ def _pv(p: Tensor, vb: Tensor, B: int, Hkv: int) -> Tensor:
     return out.view(B, Hq, bq, vb.shape[-1])
 
 
-def _forward(plan: _Plan, qf: Tensor, kf: Tensor, vf: Tensor) -> tuple[Tensor, Tensor]:
+def _forward(plan: _Plan, qf: Tensor, kf: Tensor, vf: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """out (B, Hq, Sq, Dv), lse (B, Hq, Sq) in float64, row max (B, Hq, Sq) in the compute dtype."""
     B, Hq, Sq = plan.ctx.B, plan.ctx.Hq, plan.ctx.Sq
     out = qf.new_zeros(B, Hq, Sq, plan.Dv)  # rows with no visible key stay 0 ...
-    lse = qf.new_full((B, Hq, Sq), NEG_INF)  # ... with lse -inf
+    lse = qf.new_full((B, Hq, Sq), NEG_INF, dtype=torch.float64)  # ... with lse -inf
+    rowmax = qf.new_full((B, Hq, Sq), NEG_INF)
     for qi, q0, q1, row in plan.rows():
         m = qf.new_full((B, Hq, q1 - q0), NEG_INF)  # running max
         denom = qf.new_zeros(B, Hq, q1 - q0)  # running sum of exp(s - m)
@@ -121,8 +123,11 @@ def _forward(plan: _Plan, qf: Tensor, kf: Tensor, vf: Tensor) -> tuple[Tensor, T
         empty = denom == 0
         safe = torch.where(empty, 1.0, denom)
         out[:, :, q0:q1] = acc / safe.unsqueeze(-1)
-        lse[:, :, q0:q1] = torch.where(empty, NEG_INF, m + torch.log(safe))
-    return out, lse
+        # lse kept in float64: the backward rebuilds P as exp(s - m) * exp(m - lse), and a float32 lse of
+        # magnitude |lse| would cost |lse| ulps in every P (6x the plain fp32 error in decode).
+        lse[:, :, q0:q1] = torch.where(empty, NEG_INF, m.double() + torch.log(safe.double()))
+        rowmax[:, :, q0:q1] = m
+    return out, lse, rowmax
 
 
 def _backward(
@@ -130,6 +135,7 @@ def _backward(
     tensors: list[Tensor],
     out: Tensor,
     lse: Tensor,
+    rowmax: Tensor,
     dout: Tensor,
     dlse: Tensor | None,
     sinks: Tensor | None,
@@ -139,7 +145,9 @@ def _backward(
     delta = (dout * out).sum(-1)  # (B, Hq, Sq): rowsum(dO ∘ O) = rowsum(P ∘ dP)
     if dlse is not None:
         delta = delta - dlse  # d lse / d s = P: folds into the same softmax-backward formula
-    lse_safe = torch.where(lse == NEG_INF, 0.0, lse)  # empty rows: every s is -inf, P = 0
+    # P = exp(s - m) * exp(m - lse): the same rounding as a plain softmax, exp(s - m) / l.
+    m_safe = torch.where(rowmax == NEG_INF, 0.0, rowmax)  # rows with no key: s = -inf, exp() = 0
+    inv = torch.where(lse == NEG_INF, 0.0, torch.exp(m_safe.double() - lse)).to(plan.cd)
     dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
     dmods = [torch.zeros_like(t, dtype=plan.cd) for t in mod_tensors]
     tiles = [(qi, q0, q1, *t) for qi, q0, q1, row in plan.rows() for t in row]
@@ -148,7 +156,7 @@ def _backward(
             qt = qf.detach().requires_grad_(True)
             kt = kf.detach().requires_grad_(True)
             s = plan.scores(qt, kt, q0, q1, k0, k1, kind)
-            p = torch.exp(s.detach() - lse_safe[:, :, q0:q1].unsqueeze(-1))  # (B, Hq, bq, bk)
+            p = torch.exp(s.detach() - m_safe[:, :, q0:q1, None]) * inv[:, :, q0:q1, None]  # (B, Hq, bq, bk)
             do = dout[:, :, q0:q1]  # (B, Hq, bq, Dv)
             vb = vf[:, :, k0:k1]
             p_used = p
@@ -179,18 +187,18 @@ class _BlockwiseFn(torch.autograd.Function):
         B, _, Sq, D = q.shape
         qf = q.to(plan.cd).view(B, plan.Hkv, plan.G, Sq, D)  # (B, Hkv, G, Sq, D): GQA folded, no copy
         kf, vf = k.to(plan.cd), v.to(plan.cd)
-        out, lse = _forward(plan, qf, kf, vf)
+        out, lse, rowmax = _forward(plan, qf, kf, vf)
         if sinks is not None:
             out, lse = add_sinks(out, lse, sinks)
         ctx.plan, ctx.in_dtypes = plan, (q.dtype, k.dtype, v.dtype)
         ctx.has_sinks = sinks is not None
-        ctx.save_for_backward(qf, kf, vf, out, lse, sinks if sinks is not None else out.new_empty(0))
+        ctx.save_for_backward(qf, kf, vf, out, lse, rowmax, sinks if sinks is not None else out.new_empty(0))
         ctx.set_materialize_grads(False)
-        return out.to(q.dtype), lse
+        return out.to(q.dtype), lse.to(plan.cd)
 
     @staticmethod
     def backward(ctx, dout: Tensor | None, dlse: Tensor | None):
-        qf, kf, vf, out, lse, sinks = ctx.saved_tensors
+        qf, kf, vf, out, lse, rowmax, sinks = ctx.saved_tensors
         plan: _Plan = ctx.plan
         mod_tensors = _mod_tensors(plan.mods)  # the modifiers' own tensors: the local graph reaches them
         if dout is None:
@@ -200,6 +208,7 @@ class _BlockwiseFn(torch.autograd.Function):
             [qf, kf, vf, *mod_tensors],
             out,
             lse,
+            rowmax,
             dout.to(plan.cd),
             None if dlse is None else dlse.to(plan.cd),
             sinks if ctx.has_sinks else None,
