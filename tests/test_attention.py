@@ -80,6 +80,7 @@ VARIANTS: dict[str, tuple[Builder, tuple[str, ...]]] = {
         lambda s, g: {"sinks": torch.randn(s.Hq, generator=g), "mask": ao.sliding_window(8)},
         SPAN,
     ),
+    "sinks_causal": (lambda s, g: {"sinks": torch.randn(s.Hq, generator=g), "mask": ao.causal()}, SPAN),
     "cosine": (lambda s, g: {"similarity": "cosine", "scale": 4.0}, ALL),
     "euclidean": (lambda s, g: {"similarity": "euclidean"}, BW),
     "scale_0.3": (lambda s, g: {"scale": 0.3}, ALL),

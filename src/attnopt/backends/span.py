@@ -1,8 +1,8 @@
 """Span decomposition over torch's fused CPU kernel: structured masks without an N×N anything.
 
 For each block of queries, the mask's key_range() and tile classification give the keys it can see.
-Runs of FULL tiles go to the fused kernel with no mask; runs of PARTIAL tiles go with a small additive
-edge mask (bq x span). The pieces are merged exactly by their log-sum-exp (merge.py); sinks are one
+Long runs of FULL tiles go to the fused kernel with no mask; the rest of the span goes in one call with
+a small additive edge mask (bq x span). No mask and plain causal are one call for all queries. The pieces are merged exactly by their log-sum-exp (merge.py); sinks are one
 more, value-less piece. The backward calls the fused kernel's own backward per piece with the *final*
 (out, lse) — P = exp(s - lse) and Δ = rowsum(dO ∘ O) are then the global ones — so gradients are exact.
 
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .._inputs import AttentionInputs
-from ..masks import Mask, MaskContext, Tile, tile_indices
+from ..masks import Mask, MaskContext, Tile, causal, tile_indices
 from ..merge import add_sinks, merge, sinks_grad
 from ..mods import ScoreMod, alibi, bias
 from ._base import Backend, unit_qk
@@ -38,15 +38,15 @@ SPLIT_KEYS = 1024
 BIAS_CHUNK = 512
 
 
-def _fwd_op(q, k, v, mask, scale):
+def _fwd_op(q, k, v, mask, scale, is_causal=False):
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, False, attn_mask=mask, scale=scale
+        q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale
     )
 
 
-def _bwd_op(do, q, k, v, out, lse, mask, scale):
+def _bwd_op(do, q, k, v, out, lse, mask, scale, is_causal=False):
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        do, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=scale
+        do, q, k, v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale
     )
 
 
@@ -71,6 +71,7 @@ class _Piece:
     k0: int
     k1: int
     masked: bool
+    causal: bool = False  # the kernel's own top-left is_causal over this (square or top-left) piece
 
 
 @dataclass(frozen=True, eq=False)
@@ -153,7 +154,7 @@ def _chunks(p: _Piece) -> list[_Piece]:
 
 
 def _pieces(
-    mask: Mask | None, mods: tuple[ScoreMod, ...], ctx: MaskContext
+    mask: Mask | None, mods: tuple[ScoreMod, ...], ctx: MaskContext, G: int
 ) -> tuple[tuple[int, int, tuple[_Piece, ...]], ...]:
     """Per query block, the kernel calls: long FULL runs of keys alone (no mask), the rest glued.
 
@@ -161,6 +162,12 @@ def _pieces(
     every extra call costs a merge and ~0.1 ms of overhead; so FULL runs shorter than SPLIT_KEYS and
     EMPTY gaps shorter than SPLIT_KEYS are glued into their neighbours' masked piece.
     """
+    # Whole-problem forms the kernel runs in one call (then only sinks needed span): no mask, and
+    # causal where the kernel's top-left is_causal is exact (top-left, or Sq == Sk), with GQA folded
+    # only when there is no mask (a folded causal row would see the wrong keys).
+    square = isinstance(mask, causal) and (mask.align == "top_left" or ctx.Sq == ctx.Sk) and G == 1
+    if not mods and (mask is None or square):
+        return ((0, ctx.Sq, (_Piece(0, ctx.Sq, 0, ctx.Sk, False, causal=mask is not None),)),)
     rows = []
     for q0 in range(0, ctx.Sq, BLOCK_Q):
         q1 = min(q0 + BLOCK_Q, ctx.Sq)
@@ -195,7 +202,9 @@ class _SpanFn(torch.autograd.Function):
             outs, lses = [], []
             for p in row:
                 add, empty = plan.additive_mask(p, q.dtype)
-                o, part_lse = _fwd_op(qb, k[:, :, p.k0 : p.k1], v[:, :, p.k0 : p.k1], add, plan.scale)
+                o, part_lse = _fwd_op(
+                    qb, k[:, :, p.k0 : p.k1], v[:, :, p.k0 : p.k1], add, plan.scale, p.causal
+                )
                 if empty is not None:
                     part_lse = torch.where(empty, NEG_INF, part_lse)
                 outs.append(o)
@@ -232,7 +241,7 @@ class _SpanFn(torch.autograd.Function):
             for p in row:
                 add, _ = plan.additive_mask(p, q.dtype)
                 gq, gk, gv = _bwd_op(
-                    dob, qb, k[:, :, p.k0 : p.k1], v[:, :, p.k0 : p.k1], ob, lb, add, plan.scale
+                    dob, qb, k[:, :, p.k0 : p.k1], v[:, :, p.k0 : p.k1], ob, lb, add, plan.scale, p.causal
                 )
                 dqb += gq
                 dk[:, :, p.k0 : p.k1] += gk
@@ -315,5 +324,5 @@ def _make_plan(inputs: AttentionInputs) -> _Plan:
         inputs.ctx,
         inputs.Hkv,
         G,
-        _pieces(inputs.mask, inputs.mods, inputs.ctx),
+        _pieces(inputs.mask, inputs.mods, inputs.ctx, inputs.Hq // inputs.Hkv),
     )
