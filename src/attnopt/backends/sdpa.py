@@ -71,8 +71,7 @@ class SdpaBackend(Backend):
             q = q[:, :, zero_rows:]
         elif kind == "padding":
             assert isinstance(m, padding)
-            j = torch.arange(inputs.Sk, device=q.device)
-            attn_mask = (j < m.kv_lengths.to(q.device).view(-1, 1)).view(inputs.B, 1, 1, inputs.Sk)
+            attn_mask = m.tile(0, 1, 0, inputs.Sk, inputs.ctx)  # (B, 1, 1, Sk): the same for every query
         elif kind == "dense":
             assert isinstance(m, dense)
             attn_mask = as_4d(m.mask)

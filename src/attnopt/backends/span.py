@@ -85,6 +85,7 @@ class _Plan:
     blocks: tuple[tuple[int, int, tuple[_Piece, ...]], ...]  # (q0, q1, kernel calls) per query block
     # Masks and modifiers that depend on (i - j) alone give every interior block the same edge mask:
     # build it once per call (for a 256-wide window at N=8192 that is 1 build instead of 64).
+    invariant: bool
     cache: dict = field(default_factory=dict)
 
     def additive_mask(self, p: _Piece, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
@@ -92,10 +93,7 @@ class _Plan:
         and the rows it leaves with no key at all (None if there are none)."""
         if not p.masked:
             return None, None
-        invariant = (self.mask is None or self.mask.translation_invariant) and all(
-            isinstance(m, alibi) for m in self.mods
-        )
-        key = (p.q0 - p.k0, p.q1 - p.q0, p.k1 - p.k0, dtype) if invariant else None
+        key = (p.q0 - p.k0, p.q1 - p.q0, p.k1 - p.k0, dtype) if self.invariant else None
         if key in self.cache:
             return self.cache[key]
         b, h, i, j = tile_indices(self.ctx, p.q0, p.q1, p.k0, p.k1)
@@ -154,7 +152,7 @@ def _chunks(p: _Piece) -> list[_Piece]:
 
 
 def _pieces(
-    mask: Mask | None, mods: tuple[ScoreMod, ...], ctx: MaskContext, G: int
+    mask: Mask | None, mods: tuple[ScoreMod, ...], ctx: MaskContext, G: int, invariant: bool
 ) -> tuple[tuple[int, int, tuple[_Piece, ...]], ...]:
     """Per query block, the kernel calls: long FULL runs of keys alone (no mask), the rest glued.
 
@@ -181,7 +179,7 @@ def _pieces(
             else:
                 runs.append([kind, k0, k1])
         pieces = _glue(q0, q1, runs, bool(mods))
-        if mods and (mask is None or mask.translation_invariant) and all(isinstance(m, alibi) for m in mods):
+        if mods and invariant:
             pieces = tuple(c for p in pieces for c in _chunks(p))
         rows.append((q0, q1, pieces))
     return tuple(rows)
@@ -316,13 +314,7 @@ class SpanBackend(Backend):
 
 
 def _make_plan(inputs: AttentionInputs) -> _Plan:
-    G = inputs.Hq // inputs.Hkv
-    return _Plan(
-        inputs.mask,
-        inputs.mods,
-        inputs.scale,
-        inputs.ctx,
-        inputs.Hkv,
-        G,
-        _pieces(inputs.mask, inputs.mods, inputs.ctx, inputs.Hq // inputs.Hkv),
-    )
+    m, mods, G = inputs.mask, inputs.mods, inputs.Hq // inputs.Hkv
+    invariant = (m is None or m.translation_invariant) and all(isinstance(x, alibi) for x in mods)
+    blocks = _pieces(m, mods, inputs.ctx, G, invariant)
+    return _Plan(m, mods, inputs.scale, inputs.ctx, inputs.Hkv, G, blocks, invariant)
