@@ -259,3 +259,14 @@ def test_bias_is_differentiable(backend, bias_shape):
     q64, k64, v64 = (t.double() for t in (q, k, v))
     oracle([q64, k64, v64], {**kwargs, "score_mod": am.bias(b64)})[0].square().sum().backward()
     assert_close("dbias", b32.grad, plain32.grad, b64.grad, 3, magnitude=float(b64.grad.abs().max()))
+
+
+def test_explain_with_dropout_leaves_the_rng_alone():
+    """explain() computes nothing: planning a dropout call must not draw from torch's RNG."""
+    q = torch.randn(1, 2, 8, 4)
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    for backend in ("auto", "blockwise", "reference"):
+        ao.explain(q, q, q, dropout_p=0.1, score_mod=am.softcap(2.0), backend=backend)
+    assert torch.equal(torch.rand(3), want)

@@ -253,16 +253,19 @@ class BlockwiseBackend(Backend):
         return f"{self.description}; {p.bq}x{p.bk} tiles, {kept}/{n_tiles} computed (the rest are masked out)"
 
     def forward(self, inputs: AttentionInputs) -> tuple[Tensor, Tensor | None]:
-        plan = _make_plan(inputs)
+        # The dropout seed is drawn here, not in _make_plan: explain() plans too and must not move the RNG.
+        seed = (
+            int(torch.randint(0, 2**62, (1,)).item()) if inputs.dropout_p else 0
+        )  # follows torch.manual_seed
+        plan = _make_plan(inputs, seed)
         out, lse = _BlockwiseFn.apply(
             plan, inputs.q, inputs.k, inputs.v, inputs.sinks, *_mod_tensors(inputs.mods)
         )
         return out, lse if inputs.return_lse else None
 
 
-def _make_plan(inputs: AttentionInputs) -> _Plan:
+def _make_plan(inputs: AttentionInputs, seed: int = 0) -> _Plan:
     cd = torch.float64 if inputs.dtype == torch.float64 else torch.float32
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if inputs.dropout_p else 0  # follows torch.manual_seed
     G = inputs.Hq // inputs.Hkv
     bq = min(max(32, BLOCK_Q // G), inputs.Sq)  # a tile holds G*bq folded query rows
     return _Plan(
