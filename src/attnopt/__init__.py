@@ -3,7 +3,7 @@
 from . import masks, mods
 from ._dispatch import NoBackendError
 from .api import attention, available_backends, explain
-from .masks import causal, custom, dense, document, padding, prefix_lm, sliding_window
+from .masks import causal, custom, dense, document, left_padding, padding, prefix_lm, sliding_window
 
 __version__ = "0.1.0"
 
@@ -17,6 +17,7 @@ __all__ = [
     "dense",
     "document",
     "explain",
+    "left_padding",
     "masks",
     "mods",
     "padding",

@@ -38,6 +38,7 @@ __all__ = [
     "custom",
     "dense",
     "document",
+    "left_padding",
     "padding",
     "prefix_lm",
     "sliding_window",
@@ -137,6 +138,7 @@ class Mask:
     """Base of all mask descriptors."""
 
     translation_invariant: bool = False  # keep() depends on (i - j) alone (given Sq, Sk): tiles repeat
+    key_only: bool = False  # keep() ignores h and i: one (B, 1, 1, Sk) row stands for the whole mask
 
     def keep(self, b: Tensor, h: Tensor, i: Tensor, j: Tensor, ctx: MaskContext) -> Tensor:
         raise NotImplementedError
@@ -188,6 +190,10 @@ class And(Mask):
     def translation_invariant(self) -> bool:  # type: ignore[override]
         return self.a.translation_invariant and self.b.translation_invariant
 
+    @property
+    def key_only(self) -> bool:  # type: ignore[override]
+        return self.a.key_only and self.b.key_only
+
     def keep(self, b, h, i, j, ctx):
         return self.a.keep(b, h, i, j, ctx) & self.b.keep(b, h, i, j, ctx)
 
@@ -225,6 +231,10 @@ class Or(Mask):
     @property
     def translation_invariant(self) -> bool:  # type: ignore[override]
         return self.a.translation_invariant and self.b.translation_invariant
+
+    @property
+    def key_only(self) -> bool:  # type: ignore[override]
+        return self.a.key_only and self.b.key_only
 
     def keep(self, b, h, i, j, ctx):
         return self.a.keep(b, h, i, j, ctx) | self.b.keep(b, h, i, j, ctx)
@@ -350,6 +360,7 @@ class padding(Mask):
     """Key padding: keep j < kv_lengths[b] (kv_lengths: (B,) ints, 0 <= length <= Sk)."""
 
     kv_lengths: Tensor
+    key_only = True
 
     def __post_init__(self):
         t = _int_tensor("padding kv_lengths", self.kv_lengths)
@@ -383,6 +394,46 @@ class padding(Mask):
 
     def __repr__(self) -> str:
         return f"padding(kv_lengths={self.kv_lengths.tolist()})"
+
+
+@dataclass(frozen=True, eq=False)
+class left_padding(Mask):
+    """Left padding (batched generation): keep j >= pad_lengths[b] (pad_lengths: (B,) ints in [0, Sk])."""
+
+    pad_lengths: Tensor
+    key_only = True
+
+    def __post_init__(self):
+        t = _int_tensor("left_padding pad_lengths", self.pad_lengths)
+        object.__setattr__(self, "pad_lengths", t)
+        known = t.numel() > 0 and t.device.type != "meta"
+        object.__setattr__(self, "_min", int(t.min()) if known else 0)
+        object.__setattr__(self, "_max", int(t.max()) if known else (2**62 if t.numel() else 0))
+
+    def keep(self, b, h, i, j, ctx):
+        return j >= self.pad_lengths.to(j.device)[b]
+
+    def classify(self, q0, q1, k0, k1, ctx):
+        if k0 >= self._max:
+            return Tile.FULL
+        return Tile.EMPTY if k1 <= self._min else Tile.PARTIAL
+
+    def key_range(self, q0, q1, ctx):
+        return _clip(self._min, ctx.Sk, ctx)
+
+    def check(self, ctx):
+        n = self.pad_lengths.numel()
+        if n != ctx.B:
+            return [f"left_padding pad_lengths has {n} entries; expected one per batch element (B={ctx.B})"]
+        if self.pad_lengths.device.type != "meta" and (self._min < 0 or self._max > ctx.Sk):
+            return [
+                f"left_padding pad_lengths={self.pad_lengths.tolist()} must lie in [0, Sk={ctx.Sk}] "
+                f"(min {self._min}, max {self._max})"
+            ]
+        return []
+
+    def __repr__(self) -> str:
+        return f"left_padding(pad_lengths={self.pad_lengths.tolist()})"
 
 
 @dataclass(frozen=True, eq=False)

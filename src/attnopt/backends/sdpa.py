@@ -1,7 +1,7 @@
 """torch's fused kernels (F.scaled_dot_product_attention) for the variants that map onto them.
 
 Native: no mask; causal (top-left, or bottom-right with Sq == Sk, Sq == 1 or Sq > Sk); a user's bool
-tensor; key padding (a (B, 1, 1, Sk) mask, O(B·Sk)); one user bias tensor; GQA (enable_gqa); dot and
+tensor; key padding, left or right (a (B, 1, 1, Sk) mask, O(B·Sk)); one user bias tensor; GQA (enable_gqa); dot and
 cosine similarity; dropout. Any other mask is materialized as a bool tensor (O(Sq·Sk) memory; still far
 cheaper than the dense reference, and explain() says so). Declines other score modifiers, sinks, the
 LSE and euclidean similarity.
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._inputs import AttentionInputs
-from ..masks import as_4d, causal, dense, padding
+from ..masks import as_4d, causal, dense
 from ..mods import bias
 from ._base import Backend, unit_qk
 
@@ -70,7 +70,7 @@ class SdpaBackend(Backend):
             zero_rows = inputs.Sq - inputs.Sk
             q = q[:, :, zero_rows:]
         elif kind == "padding":
-            assert isinstance(m, padding)
+            assert m is not None and m.key_only
             attn_mask = m.tile(0, 1, 0, inputs.Sk, inputs.ctx)  # (B, 1, 1, Sk): the same for every query
         elif kind == "dense":
             assert isinstance(m, dense)
@@ -132,8 +132,8 @@ def _mask_plan(inputs: AttentionInputs) -> tuple[str, str]:
                 "tail",
                 f"bottom-right causal, Sq > Sk: the first {Sq - Sk} rows are empty (0), is_causal on the rest",
             )
-    if isinstance(m, padding):
-        return "padding", "padding as a (B, 1, 1, Sk) bool mask (O(B·Sk))"
+    if m.key_only:  # padding, left_padding and their combinations
+        return "padding", f"{m!r} as a (B, 1, 1, Sk) bool mask (O(B·Sk))"
     if isinstance(m, dense):
         return "dense", "the caller's bool mask"
     return "materialize", (

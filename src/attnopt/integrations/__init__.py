@@ -1,0 +1,1 @@
+"""Integrations with other libraries (imported explicitly; nothing here registers on import)."""

@@ -1,0 +1,340 @@
+"""Hugging Face Transformers drop-in: ``attn_implementation="attnopt"``.
+
+    import attnopt.integrations.transformers as ao_hf
+    ao_hf.register()                       # once; idempotent; importing this module registers nothing
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="attnopt")
+
+register() installs two functions (transformers >= 5 calls both, see design.md §5):
+
+* the **mask function** (``AttentionMaskInterface``): transformers calls it once per forward with a
+  mask *rule* (causal, sliding window, packed sequences, ...) and the 2-D padding mask. We translate
+  the rule into ``attnopt.masks`` descriptors — ``causal() & left_padding(pads)`` instead of a
+  (B, 1, Sq, Sk) tensor — so a long prompt pays no N² memory. A rule we do not recognise becomes an
+  exact ``custom`` mask that evaluates transformers' own rule tile by tile (O(tile) memory, slower),
+  or, for rules flagged as not index-based (``use_vmap``), transformers' own dense mask.
+* the **attention function** (``AttentionInterface``): calls ``attnopt.attention`` with the mask,
+  ``scaling``, dropout, ``softcap`` and ``s_aux`` sinks; K/V stay un-repeated for grouped-query
+  attention. With ``output_attentions=True`` it also returns the attention weights, computed on
+  request through the same exact kernel (an O(Sq·Sk) tensor per layer, which the user asked for).
+
+Only the public attnopt API is used. transformers is imported lazily, inside these functions.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import attnopt as ao
+from attnopt import masks as M
+from attnopt import mods as Mods
+
+__all__ = ["attention_forward", "hf_mask_to_attnopt", "mask_interface", "register"]
+
+
+class _Full:
+    """The mask function's answer 'every query sees every key' (not None: None means 'use is_causal')."""
+
+    def __repr__(self) -> str:
+        return "attnopt.integrations.transformers.FULL"
+
+
+FULL = _Full()
+
+
+def register(name: str = "attnopt") -> str:
+    """Register attnopt under ``name`` with transformers (attention + mask function); return the name.
+
+    Idempotent. Refuses to replace one of transformers' own implementations ("sdpa", "eager", ...).
+    """
+    if not isinstance(name, str) or not name or name != name.strip():
+        raise ValueError(f"name={name!r}: expected a non-empty string without surrounding spaces")
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "attnopt.integrations.transformers.register() needs transformers >= 5 (pip install 'attnopt[hf]')"
+        ) from e
+    for iface, fn in ((AttentionInterface, attention_forward), (AttentionMaskInterface, mask_interface)):
+        current = iface._global_mapping.get(name)
+        if current is not None and current is not fn:
+            raise ValueError(
+                f"name={name!r} is already registered with transformers' {iface.__name__} as {current!r}; "
+                f"pick another name (e.g. register('attnopt'))"
+            )
+    AttentionInterface.register(name, attention_forward)
+    AttentionMaskInterface.register(name, mask_interface)
+    return name
+
+
+# ----------------------------------------------------------------------------------------- masks
+
+
+def mask_interface(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int | Tensor = 0,
+    kv_offset: int = 0,
+    mask_function: Callable | None = None,
+    attention_mask: Tensor | None = None,
+    use_vmap: bool = False,
+    **kwargs: Any,
+) -> M.Mask | _Full:
+    """transformers' mask-interface signature -> an attnopt mask descriptor (or FULL)."""
+    if mask_function is None:
+        from transformers.masking_utils import causal_mask_function
+
+        mask_function = causal_mask_function
+    return hf_mask_to_attnopt(
+        batch_size,
+        q_length,
+        kv_length,
+        int(q_offset),
+        int(kv_offset),
+        mask_function,
+        attention_mask,
+        use_vmap,
+    )
+
+
+def hf_mask_to_attnopt(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int,
+    kv_offset: int,
+    mask_function: Callable,
+    attention_mask: Tensor | None,
+    use_vmap: bool = False,
+) -> M.Mask | _Full:
+    """Translate a transformers mask rule + 2-D padding mask into attnopt descriptors (exact)."""
+    pad = _padding_part(attention_mask, kv_length, kv_offset)
+    parts = _rule_parts(mask_function)
+    # Structured positions hold when query i sits at key i + Sk - Sq (bottom-right), which is what
+    # transformers' caches produce; anything else is evaluated from the rule itself.
+    aligned = q_offset - kv_offset == kv_length - q_length
+    rule: M.Mask | _Full | None = (
+        _structured(parts, q_length, kv_length) if aligned and parts is not None else None
+    )
+    if rule is None:
+        if use_vmap:  # a rule transformers itself only evaluates element by element: use its dense mask
+            return M.dense(
+                _hf_dense(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask)
+            )
+        rule = M.custom(_offset_rule(mask_function, q_offset, kv_offset))
+    if pad is None:
+        return rule
+    return pad if isinstance(rule, _Full) else rule & pad
+
+
+def _closure(fn: Callable) -> dict[str, Any]:
+    try:
+        return dict(inspect.getclosurevars(fn).nonlocals)
+    except (TypeError, ValueError):
+        return {}
+
+
+def _rule_parts(fn: Callable) -> list[tuple] | None:
+    """Decompose a transformers mask rule into known parts, or None if any piece is unknown."""
+    from transformers import masking_utils as mu
+
+    if fn is mu.causal_mask_function:
+        return [("causal",)]
+    if fn is mu.bidirectional_mask_function:
+        return []
+    qual = getattr(fn, "__qualname__", "")
+    env = _closure(fn)
+    if qual == "and_masks.<locals>.and_mask" and "mask_functions" in env:
+        out: list[tuple] = []
+        for child in env["mask_functions"]:
+            sub = _rule_parts(child)
+            if sub is None:
+                return None
+            out += sub
+        return out
+    if qual == "sliding_window_overlay.<locals>.inner_mask" and isinstance(env.get("sliding_window"), int):
+        return [("window", env["sliding_window"])]
+    if qual == "sliding_window_bidirectional_overlay.<locals>.inner_mask" and isinstance(
+        env.get("sliding_window"), int
+    ):
+        return [("band", env["sliding_window"])]
+    if qual == "remap_positions_for_packed_sequence.<locals>.inner_mask" and "mask_function" in env:
+        # Within one packed sequence positions step by exactly 1, so a positional rule on the remapped
+        # positions equals the rule on raw indices once queries and keys are kept in one document.
+        sub = _rule_parts(env["mask_function"])
+        return None if sub is None else [*sub, ("remapped",)]
+    if qual == "packed_sequence_mask_function.<locals>.inner_mask" and isinstance(
+        env.get("packed_sequence_mask"), Tensor
+    ):
+        return [("packed", env["packed_sequence_mask"])]
+    return None
+
+
+def _structured(parts: list[tuple], Sq: int, Sk: int) -> M.Mask | _Full | None:
+    kinds = [p[0] for p in parts]
+    if "remapped" in kinds and "packed" not in kinds:
+        return None
+    out: M.Mask | None = None
+
+    def add(m: M.Mask) -> None:
+        nonlocal out
+        out = m if out is None else out & m
+
+    windows = [p[1] for p in parts if p[0] == "window"]
+    causal = "causal" in kinds
+    for w in windows:
+        if w < 1:
+            return None
+        # transformers keeps kv > q - w: w - 1 keys to the left of the query (FlashAttention window_size).
+        add(M.sliding_window(w - 1, 0 if causal else Sk))
+    if causal and not windows and Sq > 1:  # one bottom-right query sees every key: no causal mask needed
+        add(M.causal())
+    for p in parts:
+        if p[0] == "band":
+            add(M.sliding_window(p[1], p[1]))
+        elif p[0] == "packed":
+            psm = p[1]
+            if not (psm.shape[-1] == Sq == Sk) or not bool((psm == psm[:1]).all()):
+                return None  # rows packed differently: evaluate the rule exactly instead
+            ids = psm[0].tolist()
+            cuts = [i for i in range(1, len(ids)) if ids[i] != ids[i - 1]]
+            add(M.document([0, *cuts, len(ids)]))
+    return FULL if out is None else out
+
+
+def _padding_part(attention_mask: Tensor | None, kv_length: int, kv_offset: int) -> M.Mask | None:
+    """The 2-D padding mask (True = real token) as left/right padding descriptors, or a (B,1,1,Sk) row."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, Tensor) or attention_mask.ndim != 2:
+        raise TypeError(
+            f"attention_mask: expected a 2-D (batch, keys) padding mask, got "
+            f"{type(attention_mask).__name__} {getattr(attention_mask, 'shape', '')}"
+        )
+    pm = attention_mask.to(torch.bool)
+    need = kv_offset + kv_length
+    if pm.shape[1] < need:  # transformers pads it with False (keys not written yet, e.g. a static cache)
+        pm = torch.nn.functional.pad(pm, (0, need - pm.shape[1]))
+    pm = pm[:, kv_offset:need]
+    if bool(pm.all()):
+        return None
+    idx = torch.arange(kv_length, device=pm.device)
+    count = pm.sum(1)
+    first = torch.where(pm, idx, kv_length).amin(1)
+    end = torch.where(pm, idx + 1, 0).amax(1)
+    if not bool(((end - first == count) | (count == 0)).all()):
+        return M.dense(pm[:, None, None, :])  # holes inside a row: O(B·Sk) keep-row, still no N² tensor
+    first = torch.where(count == 0, kv_length, first).cpu()
+    end = torch.where(count == 0, kv_length, end).cpu()
+    out: M.Mask | None = None
+    if bool((first > 0).any()):
+        out = M.left_padding(first)
+    if bool((end < kv_length).any()):
+        right = M.padding(end)
+        out = right if out is None else out & right
+    return out
+
+
+def _offset_rule(fn: Callable, q_offset: int, kv_offset: int) -> Callable:
+    def rule(b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
+        return torch.as_tensor(fn(b, h, i + q_offset, j + kv_offset), dtype=torch.bool)
+
+    rule.__name__ = f"transformers:{getattr(fn, '__qualname__', fn)}"
+    return rule
+
+
+def _hf_dense(B, Sq, Sk, q_offset, kv_offset, fn, attention_mask) -> Tensor:
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(
+        batch_size=B,
+        q_length=Sq,
+        kv_length=Sk,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=fn,
+        attention_mask=attention_mask,
+        allow_is_causal_skip=False,
+        use_vmap=True,
+    )
+
+
+# ------------------------------------------------------------------------------------- attention
+
+
+def attention_forward(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: M.Mask | _Full | Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    softcap: float | None = None,
+    s_aux: Tensor | None = None,
+    output_attentions: bool = False,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
+    """transformers' attention-function signature on attnopt: (B, Sq, Hq, Dv) contiguous, weights|None."""
+    Sq = query.shape[2]
+    mask: M.Mask | None
+    mods: list[Mods.ScoreMod] = []
+    if isinstance(attention_mask, _Full):
+        mask = None
+    elif isinstance(attention_mask, M.Mask):
+        mask = attention_mask
+    elif attention_mask is None:
+        # No mask function ran (a model that builds no mask): causality comes from the module.
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        mask = M.causal() if causal and Sq > 1 else None
+    elif isinstance(attention_mask, Tensor) and attention_mask.ndim == 4:
+        # A prepared 4-D mask handed in by the user: keep it (bool = keep, float = added to the scores).
+        am = attention_mask[..., : key.shape[2]]
+        if am.dtype == torch.bool:
+            mask = M.dense(am)
+        else:
+            mask, mods = None, [Mods.bias(am)]
+    else:
+        raise TypeError(
+            f"attention_mask: attnopt got {type(attention_mask).__name__} "
+            f"{tuple(getattr(attention_mask, 'shape', ()))}; expected an attnopt mask (from the 'attnopt' mask "
+            f"function), None, or a 4-D bool/float tensor. Load the model with attn_implementation='attnopt' "
+            f"after attnopt.integrations.transformers.register() so both functions are used."
+        )
+    if softcap:
+        mods.append(Mods.softcap(float(softcap)))
+    sinks = None
+    if s_aux is not None:  # gpt-oss style learnable sinks, one logit per query head
+        sinks = s_aux.reshape(-1).to(query.dtype)
+    out = ao.attention(
+        query,
+        key,
+        value,
+        mask=mask,
+        score_mod=mods or None,
+        scale=scaling,
+        sinks=sinks,
+        dropout_p=float(dropout),
+    )
+    weights = None
+    if output_attentions:
+        weights = attention_weights(query, key, mask=mask, score_mod=mods or None, scale=scaling, sinks=sinks)
+    return out.transpose(1, 2).contiguous(), weights
+
+
+def attention_weights(q: Tensor, k: Tensor, **kwargs: Any) -> Tensor:
+    """The (B, Hq, Sq, Sk) softmax weights of attnopt.attention(q, k, ·, **kwargs), exactly.
+
+    Attention with the identity as values returns the weights themselves: out = P @ I = P. This
+    materializes O(Sq·Sk) per head, which is what the caller asked for.
+    """
+    B, Hkv, Sk = k.shape[0], k.shape[1], k.shape[2]
+    eye = torch.eye(Sk, dtype=q.dtype, device=q.device).expand(B, Hkv, Sk, Sk)
+    return ao.attention(q, k, eye, **kwargs)
