@@ -4,10 +4,13 @@ from . import masks, mods
 from ._dispatch import NoBackendError
 from .api import attention, available_backends, explain
 from .masks import causal, custom, dense, document, left_padding, padding, prefix_lm, sliding_window
+from .nn import MultiHeadAttention, RotaryEmbedding
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MultiHeadAttention",
+    "RotaryEmbedding",
     "NoBackendError",
     "__version__",
     "attention",

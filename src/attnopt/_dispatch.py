@@ -36,8 +36,16 @@ def select(inputs: AttentionInputs, backend: str = "auto") -> Backend:
                 f"HINT: use backend='auto' (it picks a backend that can), or see attnopt.explain(...)"
             )
         return chosen
-    able = [b for b in PRIORITY if not b.not_supported_reasons(inputs)]
-    if able:
-        return min(able, key=lambda b: b.rank(inputs))  # min() keeps the first of equal ranks
+    best, best_rank = None, float("inf")
+    for b in PRIORITY:  # in tie-break order; ask a backend's reasons only while it could still win
+        if b.not_supported_reasons(inputs):
+            continue
+        r = b.rank(inputs)
+        if r < best_rank:
+            best, best_rank = b, r
+        if best_rank <= 0:  # ranks are >= 0 and ties keep the first: nothing later can win
+            break
+    if best is not None:
+        return best
     table = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in reasons_by_backend(inputs).items())
     raise AssertionError(f"no backend accepted valid inputs ({inputs.describe()}):\n{table}")

@@ -6,8 +6,9 @@ received and what is allowed, prints the q/k/v shapes, and ends with a HINT line
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -70,11 +71,11 @@ class AttentionInputs:
     def device(self) -> torch.device:
         return self.q.device
 
-    @property
+    @functools.cached_property
     def ctx(self) -> M.MaskContext:
         return M.MaskContext(self.B, self.Hq, self.Sq, self.Sk, self.device)
 
-    @property
+    @functools.cached_property  # read once per call (every backend asks; this is on the decode hot path)
     def requires_grad(self) -> bool:
         ts = [
             self.q,
@@ -125,7 +126,7 @@ def validate(
     dropout_p: object = 0.0,
     return_lse: object = False,
     backend: object = "auto",
-    backends: Sequence[str] = (),
+    backends: Collection[str] = (),
 ) -> AttentionInputs:
     """Check every argument of attention(); raise TypeError/ValueError before any compute."""
 
@@ -199,7 +200,6 @@ def validate(
             "q and k need the same head dim (v may differ)",
         )
     Sk = k.shape[2]
-    ctx = M.MaskContext(B, Hq, Sq, Sk, q.device)
 
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise fail(
@@ -242,12 +242,13 @@ def validate(
             raise fail(ValueError, f"scale={scale} must be finite and > 0", "None uses 1/sqrt(D)")
 
     mask_d = _as_mask(mask, fail)
+    mods = _as_mods(score_mod, fail)
+    ctx = M.MaskContext(B, Hq, Sq, Sk, q.device) if mask_d is not None or mods else None
     if mask_d is not None:
         problems = mask_d.check(ctx)
         if problems:
             raise fail(ValueError, "mask: " + "; ".join(problems), "see the attnopt.masks docstrings")
 
-    mods = _as_mods(score_mod, fail)
     for mod in mods:
         problems = mod.check(ctx)
         if problems:

@@ -72,7 +72,7 @@ def attention(
         dropout_p=dropout_p,
         return_lse=return_lse,
         backend=backend,
-        backends=list(_dispatch.BACKENDS),
+        backends=_dispatch.BACKENDS,
     )
     out, lse = _dispatch.select(inputs, backend).forward(inputs)
     if return_lse:
@@ -111,7 +111,7 @@ def explain(
         dropout_p=dropout_p,
         return_lse=return_lse,
         backend=backend,
-        backends=list(_dispatch.BACKENDS),
+        backends=_dispatch.BACKENDS,
     )
     reasons = _dispatch.reasons_by_backend(inputs)
     lines = [f"attnopt.attention({inputs.describe()})"]

@@ -1,4 +1,4 @@
-"""`attnopt demo | info`: the command-line face of the library."""
+"""`attnopt demo | variants | info | bench`: the command-line face of the library."""
 
 from __future__ import annotations
 
@@ -12,10 +12,28 @@ def _console():
         from rich.console import Console
     except ImportError:  # rich lives in the [cli]/[dev] extras, not in the core library
         sys.exit("attnopt's CLI needs 'rich': pip install 'attnopt[cli]'")
-    return Console()
+    console = Console()
+    if not console.is_terminal:  # logs and pipes: wide enough for the demo's tables (rich's default is 80)
+        console.width = 120
+    return console
 
 
 def demo(args: argparse.Namespace) -> int:
+    """Real models, offline: the applications on attnopt, then eager / sdpa / attnopt side by side."""
+    from attnopt.demo import run
+
+    return run(
+        _console(),
+        prefill_tokens=args.prefill_tokens,
+        memory_tokens=args.memory_tokens or args.prefill_tokens,
+        decode_context=args.decode_context,
+        decode_steps_n=args.decode_steps,
+        repeats=args.repeats,
+        max_new_tokens=args.max_new_tokens,
+    )
+
+
+def variants(args: argparse.Namespace) -> int:
     """Run the variants modern LLMs use on random tensors; compare each with the float64 oracle."""
     import torch
     from rich.table import Table
@@ -86,12 +104,39 @@ def bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attnopt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="run the variants on random tensors against the float64 oracle")
-    p.add_argument("--seq", type=int, default=1024, help="sequence length (default 1024)")
+    p = sub.add_parser(
+        "demo", help="real models offline: applications on attnopt, then eager / sdpa / attnopt side by side"
+    )
+    p.add_argument("--prefill-tokens", type=_positive, default=2048, help="prefill prompt length (2048)")
+    p.add_argument(
+        "--memory-tokens",
+        type=_positive,
+        default=None,
+        help="prompt length of the peak-memory run (= prefill)",
+    )
+    p.add_argument("--decode-context", type=_positive, default=1024, help="KV-cache length for decode (1024)")
+    p.add_argument(
+        "--decode-steps", type=_positive, default=32, help="decode steps timed per implementation (32)"
+    )
+    p.add_argument("--repeats", type=_positive, default=3, help="prefill runs per implementation (3)")
+    p.add_argument("--max-new-tokens", type=_positive, default=40, help="answer length (40)")
     p.set_defaults(fn=demo)
+    p = sub.add_parser("variants", help="the attention variants on random tensors against the float64 oracle")
+    p.add_argument("--seq", type=_positive, default=1024, help="sequence length (default 1024)")
+    p.set_defaults(fn=variants)
     sub.add_parser("info", help="versions and available backends").set_defaults(fn=info)
     from attnopt.bench import add_arguments as bench_arguments
 
