@@ -78,8 +78,14 @@ class SdpaBackend(Backend):
         elif kind == "materialize":
             assert m is not None
             attn_mask = m.tile(0, inputs.Sq, 0, inputs.Sk, inputs.ctx)  # broadcastable to (B, Hq, Sq, Sk)
+        # Rows whose keys are all masked: the contract says out = 0. torch's CPU kernels give 0, but its
+        # CUDA kernels return arbitrary values there in bf16/fp16 (seen on an H200 with torch 2.11: 0.45
+        # instead of 0 under left padding & causal), so such rows are zeroed explicitly (no host sync).
+        empty = None if attn_mask is None else ~attn_mask.any(-1, keepdim=True)
         if inputs.mods:
             t = as_4d(inputs.mods[0].bias)
+            live = t > float("-inf") if attn_mask is None else (t > float("-inf")) & attn_mask
+            empty = ~live.any(-1, keepdim=True)  # -inf bias entries are hard masks too
             # SDPA adds a float attn_mask to the scores; fold the bool keep-mask in as -inf.
             attn_mask = t if attn_mask is None else t.masked_fill(~attn_mask, float("-inf"))
             if attn_mask.dtype != q.dtype:
@@ -97,6 +103,8 @@ class SdpaBackend(Backend):
             scale=inputs.scale,
             enable_gqa=inputs.Hq != inputs.Hkv and not fold,
         )
+        if empty is not None:  # broadcastable to out: (B|1, Hq|1, Sq|1, 1); key-only masks when folded
+            out = out.masked_fill(empty, 0.0)
         if fold:
             out = out.reshape(inputs.B, inputs.Hq, inputs.Sq, inputs.Dv)
         if zero_rows:
