@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,6 +63,10 @@ def prefix_rule(ctx: MaskContext, prefix_len: int, align: str) -> Rule:
 
 def padding_rule(lengths: list[int]) -> Rule:
     return Rule(lambda b, h, i, j: j < lengths[b], by_bh=True)
+
+
+def left_padding_rule(pads: list[int]) -> Rule:
+    return Rule(lambda b, h, i, j: j >= pads[b], by_bh=True)
 
 
 def _doc_of(x: int, cu: list[int]) -> int:
@@ -215,6 +220,17 @@ PRIMITIVES: dict[str, tuple[bool, Builder]] = {
             padding_rule([(c.Sk + 1) // 2, max(c.Sk - 2, 0)]),
         ),
     ),
+    "left_padding_0_Sk": (
+        False,
+        lambda c, a: (masks.left_padding(torch.tensor([0, c.Sk])), left_padding_rule([0, c.Sk])),
+    ),
+    "left_padding_mid": (
+        False,
+        lambda c, a: (
+            masks.left_padding(torch.tensor([c.Sk // 2, min(2, c.Sk)], dtype=torch.int32)),
+            left_padding_rule([c.Sk // 2, min(2, c.Sk)]),
+        ),
+    ),
     "document": (
         False,
         lambda c, a: (
@@ -284,6 +300,12 @@ COMPOSITIONS: dict[str, Builder] = {
     "causal_and_window_8": lambda c, a: _compose("&", _prim("causal", c, a), _prim("window_8", c, a)),
     "document_and_causal": lambda c, a: _compose("&", _doc_any(c, a), _prim("causal", c, a)),
     "padding_and_causal": lambda c, a: _compose("&", _prim("padding_mid", c, a), _prim("causal", c, a)),
+    "left_padding_and_causal": lambda c, a: _compose(
+        "&", _prim("left_padding_mid", c, a), _prim("causal", c, a)
+    ),
+    "left_and_right_padding": lambda c, a: _compose(
+        "&", _prim("left_padding_mid", c, a), _prim("padding_mid", c, a)
+    ),
     "window_4_or_prefix_lm_3": lambda c, a: _compose(
         "|",
         (masks.sliding_window(4, align=a), window_rule(c, 4, 0, a)),
@@ -439,6 +461,8 @@ def _random_primitives(ctx: MaskContext, align: str, g: torch.Generator) -> dict
         "window": (masks.sliding_window(left, right, align=align), window_rule(ctx, left, right, align)),
         "prefix_lm": (masks.prefix_lm(plen, align=align), prefix_rule(ctx, plen, align)),
         "padding": (masks.padding(lengths), padding_rule(lengths.tolist())),
+        # no extra draw (the sweep's configs stay as they were): the lengths of another row, as pads
+        "left_padding": (masks.left_padding(lengths.flip(0)), left_padding_rule(lengths.flip(0).tolist())),
         "document": (masks.document(cq, ck), document_rule(cq, ck)),
     }
     if _randint(g, 0, 3) == 0:  # generic fallback masks cost a tensor evaluation per tile: sometimes only
@@ -496,6 +520,9 @@ def _named_rule(b, h, i, j):
         ),
         pytest.param(masks.prefix_lm(3), "prefix_lm(prefix_len=3)", id="prefix_lm_3"),
         pytest.param(masks.padding(torch.tensor([3, 0])), "padding(kv_lengths=[3, 0])", id="padding"),
+        pytest.param(
+            masks.left_padding(torch.tensor([0, 2])), "left_padding(pad_lengths=[0, 2])", id="left_padding"
+        ),
         pytest.param(masks.document([0, 2, 5]), "document(cu_seqlens=[0, 2, 5])", id="document"),
         pytest.param(
             masks.document([0, 2, 5], [0, 1, 4]),
@@ -569,6 +596,8 @@ def test_key_range_bounds_every_visible_key(seed):
             masks.padding(torch.tensor([rint(0, Sk), rint(0, Sk)])),
             masks.document(cuts(Sq), cuts(Sk)),
         ]
+        g_left = torch.Generator().manual_seed(1000 * seed + 31 * Sq + Sk)  # g's draws stay as they were
+        prims.append(masks.left_padding(torch.randint(0, Sk + 1, (B,), generator=g_left)))
         all_masks = prims + [a & b for a in prims for b in prims] + [a | b for a in prims for b in prims]
         for m in all_masks:
             full = m.tile(0, Sq, 0, Sk, ctx).expand(B, 2, Sq, Sk)
@@ -580,3 +609,77 @@ def test_key_range_bounds_every_visible_key(seed):
                     assert not outside.any(), (
                         f"{m!r} Sq={Sq} Sk={Sk} rows [{q0},{q1}) see keys outside [{lo},{hi})"
                     )
+
+
+# --------------------------------------------------------------------------------------------------
+# key_only: a promise that keep() ignores h and i (sdpa then passes one (B, 1, 1, Sk) row)
+
+
+KEY_ONLY = {"padding_0_Sk", "padding_mid", "left_padding_0_Sk", "left_padding_mid"}
+
+
+@pytest.mark.parametrize("name", list(PRIMITIVES))
+def test_key_only_is_declared_exactly_for_key_masks(name):
+    assert PRIMITIVES[name][1](MaskContext(B, HQ, 7, 7), "bottom_right")[0].key_only == (name in KEY_ONLY)
+
+
+@pytest.mark.parametrize(("name", "Sq", "Sk"), [(n, Sq, Sk) for n in sorted(KEY_ONLY) for Sq, Sk in SIZES])
+def test_key_only_masks_ignore_heads_and_queries(name, Sq, Sk):
+    mask, full, _ = _case(name, "bottom_right", Sq, Sk)
+    row = full[:, :1, :1, :]  # (B, 1, 1, Sk): what a key-only mask stands for
+    assert torch.equal(full, row.expand_as(full)), f"{mask!r} is key_only but depends on h or i"
+
+
+def test_key_only_composition():
+    pad, left, causal = masks.padding([3, 1]), masks.left_padding([0, 2]), masks.causal()
+    assert (pad & left).key_only and (pad | left).key_only and ((pad & left) | left).key_only
+    assert not (pad & causal).key_only and not (causal | left).key_only
+    assert not masks.dense(torch.ones(2, 1, 1, 4, dtype=torch.bool)).key_only  # by type, not by shape
+
+
+# --------------------------------------------------------------------------------------------------
+# check() and constructor errors of the key-padding masks
+
+
+@pytest.mark.parametrize(
+    ("mask", "message"),
+    [
+        (
+            masks.left_padding(torch.tensor([-1, 3])),
+            r"left_padding pad_lengths=\[-1, 3\] must lie in \[0, Sk=7\]",
+        ),
+        (
+            masks.left_padding(torch.tensor([3, 8])),
+            r"left_padding pad_lengths=\[3, 8\] must lie in \[0, Sk=7\]",
+        ),
+        (
+            masks.left_padding(torch.tensor([3, 3, 3])),
+            r"left_padding pad_lengths has 3 entries; expected one per batch element \(B=2\)",
+        ),
+        (masks.causal() & masks.left_padding([1, 2, 3]), r"left_padding pad_lengths has 3 entries"),
+        (masks.padding(torch.tensor([3, 8])), r"padding kv_lengths=\[3, 8\] must lie in \[0, Sk=7\]"),
+    ],
+    ids=["left-negative", "left-over_Sk", "left-wrong_batch", "left-in_composition", "right-over_Sk"],
+)
+def test_padding_check_problems(mask, message):
+    problems = mask.check(MaskContext(2, 3, 5, 7))
+    assert len(problems) == 1 and re.search(message, problems[0]), problems
+
+
+@pytest.mark.parametrize("pads", [[0, 7], [7, 0], [3, 5], torch.tensor([0, 0], dtype=torch.int32)])
+def test_left_padding_check_accepts_the_full_range(pads):
+    assert masks.left_padding(pads).check(MaskContext(2, 3, 5, 7)) == []
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda: masks.left_padding(torch.tensor([3.0, 7.0])), TypeError, r"must hold integers, got dtype"),
+        (lambda: masks.left_padding(torch.tensor([True, False])), TypeError, r"must hold integers"),
+        (lambda: masks.left_padding(torch.tensor([[3, 7]])), ValueError, r"must be 1-D, got shape \(1, 2\)"),
+    ],
+    ids=["float", "bool", "2d"],
+)
+def test_left_padding_constructor_errors(make, error, message):
+    with pytest.raises(error, match=r"left_padding pad_lengths " + message):
+        make()

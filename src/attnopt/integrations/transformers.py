@@ -192,7 +192,7 @@ def _structured(parts: list[tuple], Sq: int, Sk: int) -> M.Mask | _Full | None:
         if w < 1:
             return None
         # transformers keeps kv > q - w: w - 1 keys to the left of the query (FlashAttention window_size).
-        add(M.sliding_window(w - 1, 0 if causal else Sk))
+        add(M.sliding_window(w - 1, 0 if causal else Sq + Sk))  # no causal part: no right bound
     if causal and not windows and Sq > 1:  # one bottom-right query sees every key: no causal mask needed
         add(M.causal())
     for p in parts:
@@ -259,7 +259,7 @@ def _hf_dense(B, Sq, Sk, q_offset, kv_offset, fn, attention_mask) -> Tensor:
         q_offset=q_offset,
         kv_offset=kv_offset,
         mask_function=fn,
-        attention_mask=attention_mask,
+        attention_mask=None if attention_mask is None else attention_mask.to(torch.bool),
         allow_is_causal_skip=False,
         use_vmap=True,
     )
@@ -308,8 +308,8 @@ def attention_forward(
             f"function), None, or a 4-D bool/float tensor. Load the model with attn_implementation='attnopt' "
             f"after attnopt.integrations.transformers.register() so both functions are used."
         )
-    if softcap:
-        mods.append(Mods.softcap(float(softcap)))
+    if softcap:  # transformers caps the raw scores, then adds the mask (gemma2): cap first
+        mods.insert(0, Mods.softcap(float(softcap)))
     sinks = None
     if s_aux is not None:  # gpt-oss style learnable sinks, one logit per query head
         sinks = s_aux.reshape(-1).to(query.dtype)
