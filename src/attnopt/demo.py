@@ -57,6 +57,7 @@ class ModelsMissing(RuntimeError):
 
 def _quiet_transformers() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's own bar; the demo shows a spinner
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers.utils import logging
 
@@ -268,11 +269,11 @@ def side_by_side(
     for impl in impls:
         progress(f"prompt of {decode_context} tokens into the KV cache, {impl}")
         decoders[impl] = Decoder(model, impl, dids)
-    per_round = -(-decode_steps_n // repeats)
-    for r in range(repeats):  # interleaved rounds, so a slow spell of the machine hits every implementation
+    rounds = max(1, decode_steps_n // 4)
+    for r in range(rounds):  # short interleaved rounds: a slow spell of the machine hits every implementation
         for impl in impls:
-            progress(f"decode, {impl}, round {r + 1}/{repeats}")
-            rows[impl].decode_step_s += decoders[impl].steps(per_round)
+            progress(f"decode, {impl}, round {r + 1}/{rounds}")
+            rows[impl].decode_step_s += decoders[impl].steps(-(-decode_steps_n // rounds))
     return rows
 
 
