@@ -30,3 +30,21 @@ def test_error_example_is_the_real_message():
     with pytest.raises(ValueError) as info:
         eval(call, scope)
     assert str(info.value) == message
+
+
+def test_huggingface_and_layer_snippet_runs_as_written():
+    pytest.importorskip("transformers")
+    from attnopt.demo import ModelsMissing, minilm_dir
+
+    try:
+        minilm_dir()
+    except ModelsMissing as e:
+        pytest.skip(str(e))
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert len(blocks) >= 2, "README lost its Hugging Face / layer snippet"
+    scope: dict = {}
+    exec(compile(blocks[1], "README.md", "exec"), scope)
+    assert scope["hidden"].shape[:2] == scope["batch"]["input_ids"].shape
+    assert scope["hidden"].shape[-1] == 384 and bool(scope["hidden"].isfinite().all())
+    assert scope["y"].shape == (2, 16, 384)
+    assert scope["mha"].num_heads == 12 and scope["mha"].head_dim == 32

@@ -13,10 +13,13 @@ The models ship in PyPI packages (design.md §5); nothing is downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
+import io
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,7 +60,6 @@ class ModelsMissing(RuntimeError):
 
 def _quiet_transformers() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's own bar; the demo shows a spinner
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers.utils import logging
 
@@ -98,9 +100,17 @@ def load_smollm2(attn_implementation: str = "attnopt") -> tuple[Any, Any]:
     d = smollm2_dir()
     tok = AutoTokenizer.from_pretrained(d, gguf_file=SMOLLM2_FILE)
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(
-        d, gguf_file=SMOLLM2_FILE, attn_implementation=attn_implementation
-    )
+    # The GGUF loader draws its own tqdm bar on stderr; callers show progress their own way. Its output is
+    # kept and shown if loading fails.
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            model = AutoModelForCausalLM.from_pretrained(
+                d, gguf_file=SMOLLM2_FILE, attn_implementation=attn_implementation
+            )
+    except Exception:
+        sys.stderr.write(err.getvalue())
+        raise
     return model.eval(), tok
 
 
@@ -401,14 +411,14 @@ def run(
         )
     )
     for col in (
-        "attn_implementation",
+        "implementation",
         "greedy tokens = attnopt's",
         f"prefill {prefill_tokens} tok (s)",
         "vs attnopt",
         f"decode tok/s (ctx {decode_context})",
         f"peak RSS, {memory_tokens}-tok prefill",
     ):
-        table.add_column(col, justify="left" if col.startswith(("attn_", "greedy")) else "right")
+        table.add_column(col, justify="left" if col.startswith(("implementation", "greedy")) else "right")
     a = rows["attnopt"]
     for impl in IMPLS:
         r = rows[impl]
