@@ -333,6 +333,8 @@ def run(
     torch.manual_seed(0)
 
     def step(msg: str) -> Any:
+        if not console.is_terminal:  # logs get a line per step (a spinner only animates on a terminal)
+            console.print(f"[dim]... {msg}[/dim]")
         return console.status(f"[bold]{msg}[/bold]", spinner="dots")
 
     try:
