@@ -127,9 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="prompt length of the peak-memory run (= prefill)",
     )
-    p.add_argument("--decode-context", type=_positive, default=1024, help="KV-cache length for decode (1024)")
     p.add_argument(
-        "--decode-steps", type=_positive, default=32, help="decode steps timed per implementation (32)"
+        "--decode-context", type=_positive, default=2048, help="prompt length before decoding (2048)"
+    )
+    p.add_argument(
+        "--decode-steps", type=_positive, default=48, help="decode steps timed per implementation (48)"
     )
     p.add_argument("--repeats", type=_positive, default=3, help="prefill runs per implementation (3)")
     p.add_argument("--max-new-tokens", type=_positive, default=40, help="answer length (40)")

@@ -262,7 +262,7 @@ def side_by_side(
     rows = {i: Row(i) for i in impls}
     ids = prompt_ids(tok, prefill_tokens)
     for r in range(repeats):
-        for impl in impls:
+        for impl in _rotate(impls, r):  # each implementation takes each position in the round
             progress(f"prefill {prefill_tokens} tokens, {impl}, run {r + 1}/{repeats}")
             mem = r == 0 and memory_tokens == prefill_tokens
             t, peak = time_prefill(model, impl, ids, measure_memory=mem)
@@ -281,10 +281,15 @@ def side_by_side(
         decoders[impl] = Decoder(model, impl, dids)
     rounds = max(1, decode_steps_n // 4)
     for r in range(rounds):  # short interleaved rounds: a slow spell of the machine hits every implementation
-        for impl in impls:
+        for impl in _rotate(impls, r):
             progress(f"decode, {impl}, round {r + 1}/{rounds}")
             rows[impl].decode_step_s += decoders[impl].steps(-(-decode_steps_n // rounds))
     return rows
+
+
+def _rotate(items: tuple[str, ...], r: int) -> tuple[str, ...]:
+    r %= len(items)
+    return items[r:] + items[:r]
 
 
 def goals(rows: dict[str, Row], prefill_tokens: int, memory_tokens: int) -> list[tuple[str, str, str, bool]]:
@@ -319,8 +324,8 @@ def run(
     *,
     prefill_tokens: int = 2048,
     memory_tokens: int = 2048,
-    decode_context: int = 1024,
-    decode_steps_n: int = 32,
+    decode_context: int = 2048,
+    decode_steps_n: int = 48,
     repeats: int = 3,
     max_new_tokens: int = 40,
 ) -> int:
