@@ -355,6 +355,25 @@ class prefix_lm(Mask):
         return _short_repr(self, "prefix_len")
 
 
+def _set_lengths(mask: Mask, attr: str, label: str) -> None:
+    """Store a (B,) int tensor field and its min/max as Python ints (one host sync, at construction)."""
+    t = _int_tensor(label, getattr(mask, attr))
+    object.__setattr__(mask, attr, t)
+    known = t.numel() > 0 and t.device.type != "meta"
+    object.__setattr__(mask, "_min", int(t.min()) if known else 0)
+    object.__setattr__(mask, "_max", int(t.max()) if known else (2**62 if t.numel() else 0))
+
+
+def _length_problems(mask: Mask, attr: str, label: str, ctx: MaskContext) -> list[str]:
+    t = getattr(mask, attr)
+    if t.numel() != ctx.B:
+        return [f"{label} has {t.numel()} entries; expected one per batch element (B={ctx.B})"]
+    lo, hi = mask._min, mask._max  # type: ignore[attr-defined]
+    if t.device.type != "meta" and (lo < 0 or hi > ctx.Sk):
+        return [f"{label}={t.tolist()} must lie in [0, Sk={ctx.Sk}] (min {lo}, max {hi})"]
+    return []
+
+
 @dataclass(frozen=True, eq=False)
 class padding(Mask):
     """Key padding: keep j < kv_lengths[b] (kv_lengths: (B,) ints, 0 <= length <= Sk)."""
@@ -363,12 +382,8 @@ class padding(Mask):
     key_only = True
 
     def __post_init__(self):
-        t = _int_tensor("padding kv_lengths", self.kv_lengths)
-        object.__setattr__(self, "kv_lengths", t)
-        # Python ints for tile classification, so it never touches the tensor again (one host sync, here).
-        known = t.numel() > 0 and t.device.type != "meta"
-        object.__setattr__(self, "_min", int(t.min()) if known else 0)
-        object.__setattr__(self, "_max", int(t.max()) if known else (2**62 if t.numel() else 0))
+        # Python ints for tile classification, so it never touches the tensor again.
+        _set_lengths(self, "kv_lengths", "padding kv_lengths")
 
     def keep(self, b, h, i, j, ctx):
         return j < self.kv_lengths.to(j.device)[b]
@@ -382,15 +397,7 @@ class padding(Mask):
         return _clip(0, self._max, ctx)
 
     def check(self, ctx):
-        n = self.kv_lengths.numel()
-        if n != ctx.B:
-            return [f"padding kv_lengths has {n} entries; expected one per batch element (B={ctx.B})"]
-        if self.kv_lengths.device.type != "meta" and (self._min < 0 or self._max > ctx.Sk):
-            return [
-                f"padding kv_lengths={self.kv_lengths.tolist()} must lie in [0, Sk={ctx.Sk}] "
-                f"(min {self._min}, max {self._max})"
-            ]
-        return []
+        return _length_problems(self, "kv_lengths", "padding kv_lengths", ctx)
 
     def __repr__(self) -> str:
         return f"padding(kv_lengths={self.kv_lengths.tolist()})"
@@ -404,11 +411,7 @@ class left_padding(Mask):
     key_only = True
 
     def __post_init__(self):
-        t = _int_tensor("left_padding pad_lengths", self.pad_lengths)
-        object.__setattr__(self, "pad_lengths", t)
-        known = t.numel() > 0 and t.device.type != "meta"
-        object.__setattr__(self, "_min", int(t.min()) if known else 0)
-        object.__setattr__(self, "_max", int(t.max()) if known else (2**62 if t.numel() else 0))
+        _set_lengths(self, "pad_lengths", "left_padding pad_lengths")
 
     def keep(self, b, h, i, j, ctx):
         return j >= self.pad_lengths.to(j.device)[b]
@@ -422,15 +425,7 @@ class left_padding(Mask):
         return _clip(self._min, ctx.Sk, ctx)
 
     def check(self, ctx):
-        n = self.pad_lengths.numel()
-        if n != ctx.B:
-            return [f"left_padding pad_lengths has {n} entries; expected one per batch element (B={ctx.B})"]
-        if self.pad_lengths.device.type != "meta" and (self._min < 0 or self._max > ctx.Sk):
-            return [
-                f"left_padding pad_lengths={self.pad_lengths.tolist()} must lie in [0, Sk={ctx.Sk}] "
-                f"(min {self._min}, max {self._max})"
-            ]
-        return []
+        return _length_problems(self, "pad_lengths", "left_padding pad_lengths", ctx)
 
     def __repr__(self) -> str:
         return f"left_padding(pad_lengths={self.pad_lengths.tolist()})"
