@@ -55,6 +55,25 @@ def _plain_key(
     return key
 
 
+def _validate(
+    q, k, v, mask, score_mod, similarity, scale, sinks, dropout_p, return_lse, backend
+) -> AttentionInputs:
+    return validate(
+        q,
+        k,
+        v,
+        mask=mask,
+        score_mod=score_mod,
+        similarity=similarity,
+        scale=scale,
+        sinks=sinks,
+        dropout_p=dropout_p,
+        return_lse=return_lse,
+        backend=backend,
+        backends=_dispatch.BACKENDS,
+    )
+
+
 MaskArg = Mask | Tensor | Callable[..., Tensor] | None
 ModArg = ScoreMod | Callable[..., Tensor] | Sequence[ScoreMod | Callable[..., Tensor]] | None
 
@@ -110,20 +129,7 @@ def attention(
         chosen, scale_f = hit
         inputs = AttentionInputs(q, k, v, None, (), similarity, scale_f, None, float(dropout_p), return_lse)
     else:
-        inputs = validate(
-            q,
-            k,
-            v,
-            mask=mask,
-            score_mod=score_mod,
-            similarity=similarity,
-            scale=scale,
-            sinks=sinks,
-            dropout_p=dropout_p,
-            return_lse=return_lse,
-            backend=backend,
-            backends=_dispatch.BACKENDS,
-        )
+        inputs = _validate(q, k, v, mask, score_mod, similarity, scale, sinks, dropout_p, return_lse, backend)
         chosen = _dispatch.select(inputs, backend)
         if key is not None:
             if len(_PLAIN) >= _PLAIN_MAX:
@@ -154,20 +160,7 @@ def explain(
 
     Validates exactly like attention() (same errors) but computes nothing.
     """
-    inputs = validate(
-        q,
-        k,
-        v,
-        mask=mask,
-        score_mod=score_mod,
-        similarity=similarity,
-        scale=scale,
-        sinks=sinks,
-        dropout_p=dropout_p,
-        return_lse=return_lse,
-        backend=backend,
-        backends=_dispatch.BACKENDS,
-    )
+    inputs = _validate(q, k, v, mask, score_mod, similarity, scale, sinks, dropout_p, return_lse, backend)
     reasons = _dispatch.reasons_by_backend(inputs)
     lines = [f"attnopt.attention({inputs.describe()})"]
     try:
