@@ -133,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--decode-steps", type=_positive, default=48, help="decode steps timed per implementation (48)"
     )
-    p.add_argument("--repeats", type=_positive, default=3, help="prefill runs per implementation (3)")
+    p.add_argument(
+        "--repeats", type=_positive, default=5, help="prefill runs per implementation (5; eager at most 2)"
+    )
     p.add_argument("--max-new-tokens", type=_positive, default=40, help="answer length (40)")
     p.set_defaults(fn=demo)
     p = sub.add_parser("variants", help="the attention variants on random tensors against the float64 oracle")
