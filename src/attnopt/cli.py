@@ -26,7 +26,6 @@ def demo(args: argparse.Namespace) -> int:
         _console(),
         prefill_tokens=args.prefill_tokens,
         memory_tokens=args.memory_tokens or args.prefill_tokens,
-        decode_context=args.decode_context,
         decode_steps_n=args.decode_steps,
         repeats=args.repeats,
         max_new_tokens=args.max_new_tokens,
@@ -128,10 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         help="prompt length of the peak-memory run (= prefill)",
     )
     p.add_argument(
-        "--decode-context", type=_positive, default=2048, help="prompt length before decoding (2048)"
-    )
-    p.add_argument(
-        "--decode-steps", type=_positive, default=48, help="decode steps timed per implementation (48)"
+        "--decode-steps",
+        type=_positive,
+        default=32,
+        help="decode steps after the prompt, per implementation (32)",
     )
     p.add_argument(
         "--repeats", type=_positive, default=5, help="prefill runs per implementation (5; eager at most 2)"
