@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         help="decode steps after the prompt, per implementation (32)",
     )
     p.add_argument(
-        "--repeats", type=_positive, default=5, help="prefill runs per implementation (5; eager at most 2)"
+        "--repeats", type=_positive, default=4, help="prefill runs per implementation (4; eager at most 2)"
     )
     p.add_argument("--max-new-tokens", type=_positive, default=40, help="answer length (40)")
     p.set_defaults(fn=demo)
