@@ -460,7 +460,7 @@ def run(
         )
     console.print(table)
     table = Table(
-        title="Goals (issue #4), this run: vs sdpa, medians of back-to-back paired ratios; vs eager, of times"
+        title="Goals (issue #4), this run: medians over rounds of the ratio of two runs in the same round"
     )
     for col in ("goal", "measured", "target", "met"):
         table.add_column(col)
