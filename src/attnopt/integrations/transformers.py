@@ -114,7 +114,6 @@ def hf_mask_to_attnopt(
     use_vmap: bool = False,
 ) -> M.Mask | _Full:
     """Translate a transformers mask rule + 2-D padding mask into attnopt descriptors (exact)."""
-    pad = _padding_part(attention_mask, kv_length, kv_offset)
     parts = _rule_parts(mask_function)
     # Structured positions hold when query i sits at key i + Sk - Sq (bottom-right), which is what
     # transformers' caches produce; anything else is evaluated from the rule itself.
@@ -128,6 +127,7 @@ def hf_mask_to_attnopt(
                 _hf_dense(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask)
             )
         rule = M.custom(_offset_rule(mask_function, q_offset, kv_offset))
+    pad = _padding_part(attention_mask, kv_length, kv_offset)
     if pad is None:
         return rule
     return pad if isinstance(rule, _Full) else rule & pad
