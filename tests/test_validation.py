@@ -170,17 +170,30 @@ VALIDATE_ERRORS = [
         r"head dims differ: q D=8, k D=4",
         id="qk-headdim-mismatch",
     ),
+    # Empty batch / head / sequence dims are valid (tests/test_edges.py); a head dim of 0 is not.
     pytest.param(
-        case(q=lambda q, k, v: q[:, :, :0]),
+        case(q=lambda q, k, v: q[..., :0], k=lambda q, k, v: k[..., :0]),
         ValueError,
-        r"q has an empty dimension, shape \(2, 4, 0, 8\)",
-        id="q-empty-Sq",
+        r"q has head dim 0, shape \(2, 4, 5, 0\)",
+        id="q-headdim-0",
+    ),
+    pytest.param(
+        case(v=lambda q, k, v: v[..., :0]),
+        ValueError,
+        r"v has head dim 0, shape \(2, 2, 7, 0\)",
+        id="v-headdim-0",
     ),
     pytest.param(
         case(k=lambda q, k, v: k[:, :0], v=lambda q, k, v: v[:, :0]),
         ValueError,
-        r"k has an empty dimension, shape \(2, 0, 7, 8\)",
-        id="k-empty-Hkv",
+        r"k and v have no heads \(Hkv=0\) but q has Hq=4",
+        id="k-no-heads",
+    ),
+    pytest.param(
+        case(q=lambda q, k, v: q.to(torch.float8_e4m3fn)),
+        TypeError,
+        r"q\.dtype=torch\.float8_e4m3fn is not supported; allowed: float16, bfloat16, float32, float64",
+        id="q-float8",
     ),
     # ---- scalar options
     pytest.param(case(dropout_p=1.0), ValueError, r"dropout_p=1\.0 is outside \[0, 1\)", id="dropout-1.0"),
@@ -302,7 +315,7 @@ VALIDATE_ERRORS = [
     pytest.param(
         case(mask=M.custom(_probe_fails)),
         ValueError,
-        r"custom mask fn failed on a probe element: RuntimeError: user bug",
+        r"custom mask fn .*_probe_fails.* failed on a probe element: RuntimeError: user bug",
         id="mask-custom-raises",
     ),
     # ---- score modifiers
@@ -345,13 +358,13 @@ VALIDATE_ERRORS = [
     pytest.param(
         case(score_mod=_int_score),
         ValueError,
-        r"custom score_mod fn must return a floating-point tensor, got torch\.int64",
+        r"custom score_mod fn .*_int_score.* must return a floating-point tensor, got torch\.int64",
         id="score_mod-custom-returns_int",
     ),
     pytest.param(
         case(score_mod=[Mods.softcap(5.0), _score_fails]),
         ValueError,
-        r"custom score_mod fn failed on a probe element: KeyError: 'user bug'",
+        r"custom score_mod fn .*_score_fails.* failed on a probe element: KeyError: 'user bug'",
         id="score_mod-custom-raises",
     ),
     # ---- sinks
@@ -574,6 +587,11 @@ def test_bad_descriptor_is_rejected_at_construction(make, exc, pattern):
 # "Before any compute": errors found late in validate() still fire before the full-size work.
 
 
+# Validation probes a custom function on a grid of at most 2 x 2 x 3 x 3 elements (first/middle/last
+# positions, to catch functions that are not elementwise); compute evaluates whole tiles (here 2x4x5x7).
+PROBE_MAX = 36
+
+
 class Spy:
     """A custom score_mod / mask_mod that counts calls on more than one (i, j) element.
 
@@ -584,11 +602,11 @@ class Spy:
         self.big_calls = 0
 
     def score_mod(self, score: Tensor, b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
-        self.big_calls += score.numel() > 1
+        self.big_calls += score.numel() > PROBE_MAX
         return score
 
     def mask_mod(self, b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
-        self.big_calls += i.numel() * j.numel() > 1
+        self.big_calls += b.numel() * h.numel() * i.numel() * j.numel() > PROBE_MAX
         return j >= 0
 
 

@@ -6,6 +6,7 @@ received and what is allowed, prints the q/k/v shapes, and ends with a HINT line
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Collection
@@ -18,6 +19,7 @@ from . import masks as M
 from . import mods as Mods
 
 SIMILARITIES = ("dot", "cosine", "euclidean")
+FLOAT_DTYPES = M.FLOAT_DTYPES  # the dtypes q, k, v, sinks, biases and slopes may have
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,6 +88,69 @@ class AttentionInputs:
         ]
         return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in ts)
 
+    @property
+    def empty(self) -> bool:
+        """No output element or no key: attention() answers without a backend (zeros, lse -inf)."""
+        return self.B * self.Hq * self.Sq == 0 or self.Sk == 0
+
+    @functools.cached_property
+    def may_mask(self) -> bool:
+        """Some score may be excluded: a mask, or a modifier that can return -inf (a bias, a custom one)."""
+        return self.mask is not None or any(isinstance(m, (Mods.bias, Mods.custom)) for m in self.mods)
+
+    @functools.cached_property
+    def nonfinite(self) -> bool:
+        """q, k or v hold NaN or inf somewhere: one float32 (float64) sum per tensor, one host sync.
+
+        A sum overflowing to inf counts as non-finite too: that only costs speed (the exact tile path).
+        """
+        acc = torch.float64 if self.dtype == torch.float64 else torch.float32
+        sums = torch.stack([t.detach().sum(dtype=acc) for t in (self.q, self.k, self.v)])
+        return not bool(torch.isfinite(sums).all())
+
+    @functools.cached_property
+    def score_bound(self) -> float:
+        """An upper bound on |score| of any kept entry (data-dependent: norms of q and k, bias maxima).
+
+        NaN/inf inputs give inf. Used by the fused kernels, whose float32 LSE cannot carry a backward at
+        huge scores (see backends._base.FUSED_SCORE_LIMIT).
+        """
+        if self.similarity == "cosine":
+            bound = self.scale
+        else:
+            acc = torch.float64 if self.dtype == torch.float64 else torch.float32
+            qn = float(torch.linalg.vector_norm(self.q.detach(), dim=-1, dtype=acc).amax())
+            kn = float(torch.linalg.vector_norm(self.k.detach(), dim=-1, dtype=acc).amax())
+            bound = self.scale * (qn * kn if self.similarity == "dot" else (qn + kn) ** 2)
+        for mod in self.mods:
+            if isinstance(mod, Mods.bias):
+                b = mod.bias.detach().abs()
+                bound += float(b.masked_fill(torch.isinf(b), 0).amax()) if b.numel() else 0.0
+            elif isinstance(mod, Mods.alibi):
+                bound += float(mod.slopes.detach().abs().amax()) * (self.Sq + self.Sk)
+            elif isinstance(mod, Mods.softcap):
+                bound = min(bound, mod.cap)
+            else:
+                bound = math.inf
+        return bound if not math.isnan(bound) else math.inf
+
+    def kernel_layout(self) -> tuple[AttentionInputs, tuple[str, ...]]:
+        """These inputs with q/k/v copied where torch's fused kernels would misread their strides.
+
+        Returns (inputs, notes); the common layouts (contiguous, (B, S, H, D) storage, sliced, expanded
+        along batch/heads/sequence) are never copied. Copies are differentiable views of the originals.
+        """
+        copies, notes = {}, []
+        for name in ("q", "k", "v"):
+            t = getattr(self, name)
+            why = kernel_layout_problem(t)
+            if why is not None:
+                copies[name] = t.contiguous()
+                notes.append(f"{name} copied to a contiguous layout ({why})")
+        if not copies:
+            return self, ()
+        return dataclasses.replace(self, **copies), tuple(notes)
+
     def describe(self) -> str:
         parts = [f"q {_desc(self.q)}", f"k {_desc(self.k)}", f"v {_desc(self.v)}"]
         if self.mask is not None:
@@ -101,6 +166,24 @@ class AttentionInputs:
         if self.return_lse:
             parts.append("return_lse=True")
         return ", ".join(parts)
+
+
+def kernel_layout_problem(t: Tensor) -> str | None:
+    """Why torch's fused CPU kernels would misread `t` (B, H, S, D), or None if they read it right.
+
+    Measured on torch 2.13 (forward and backward of _scaled_dot_product_flash_attention_for_cpu, 400
+    random stride patterns, vs the same values contiguous): exact when the last dim has stride 1 and
+    every other dim of size > 1 has stride 0 (broadcast) or >= D. A transposed last dim, channels-last
+    strides or a stride below D (self-overlapping rows) gave garbage or NaN; F.scaled_dot_product_attention
+    was wrong too for such a q (off by 4.5 on a batch stride of 1).
+    """
+    D = t.shape[-1]
+    if D > 1 and t.stride(-1) != 1:
+        return f"last-dim stride {t.stride(-1)} != 1"
+    for dim, (size, stride) in enumerate(zip(t.shape[:-1], t.stride()[:-1])):
+        if size > 1 and 0 < stride < D:
+            return f"dim {dim} has stride {stride} < head dim {D}: its rows overlap"
+    return None
 
 
 def _desc(t: object) -> str:
@@ -153,11 +236,17 @@ def validate(
                 f"{name}.dtype={t.dtype}; expected a floating dtype",
                 "use float16, bfloat16, float32 or float64",
             )
-        if 0 in t.shape:
+        if t.dtype not in FLOAT_DTYPES:
+            raise fail(
+                TypeError,
+                f"{name}.dtype={t.dtype} is not supported; allowed: float16, bfloat16, float32, float64",
+                "cast q, k and v to one of these (float8 / complex inputs have no attention kernels here)",
+            )
+        if t.shape[3] == 0:
             raise fail(
                 ValueError,
-                f"{name} has an empty dimension, shape {tuple(t.shape)}",
-                "every dimension must be >= 1",
+                f"{name} has head dim 0, shape {tuple(t.shape)}",
+                "the head dim (last dimension) must be >= 1; empty batch, head and sequence dims are fine",
             )
     if not (q.dtype == k.dtype == v.dtype):
         raise fail(
@@ -181,7 +270,13 @@ def validate(
             ValueError, f"k has {k.shape[1]} heads but v has {v.shape[1]}", "k and v need the same Hkv"
         )
     Hkv = k.shape[1]
-    if Hq % Hkv:
+    if Hkv == 0 and Hq:
+        raise fail(
+            ValueError,
+            f"k and v have no heads (Hkv=0) but q has Hq={Hq}",
+            "every query head needs a kv head (query head h uses kv head h // (Hq // Hkv))",
+        )
+    if Hkv and Hq % Hkv:
         raise fail(
             ValueError,
             f"Hq={Hq} is not a multiple of Hkv={Hkv}",
@@ -255,7 +350,7 @@ def validate(
             raise fail(ValueError, "score_mod: " + "; ".join(problems), "see the attnopt.mods docstrings")
 
     if sinks is not None:
-        if not isinstance(sinks, Tensor) or not sinks.dtype.is_floating_point:
+        if not isinstance(sinks, Tensor) or sinks.dtype not in FLOAT_DTYPES:
             got = sinks.dtype if isinstance(sinks, Tensor) else type(sinks).__name__
             raise fail(
                 TypeError,

@@ -123,6 +123,22 @@ def attention(
         TypeError / ValueError: invalid input, before any compute, naming the argument and the value.
         NotImplementedError: a pinned backend cannot run these inputs (the message lists why).
     """
+    amp = _autocast_dtype(q, k, v)
+    if amp is not None:  # like F.scaled_dot_product_attention: run in the autocast dtype, whatever backend
+        with torch.autocast(q.device.type, enabled=False):
+            return attention(
+                q.to(amp),
+                k.to(amp),
+                v.to(amp),
+                mask=mask,
+                score_mod=score_mod,
+                similarity=similarity,
+                scale=scale,
+                sinks=sinks,
+                dropout_p=dropout_p,
+                return_lse=return_lse,
+                backend=backend,
+            )
     key = _plain_key(q, k, v, mask, score_mod, sinks, similarity, scale, dropout_p, return_lse, backend)
     hit = _PLAIN.get(key) if key is not None else None
     if hit is not None:  # seen before: same metadata, so validation and selection give the same answer
@@ -130,11 +146,16 @@ def attention(
         inputs = AttentionInputs(q, k, v, None, (), similarity, scale_f, None, float(dropout_p), return_lse)
     else:
         inputs = _validate(q, k, v, mask, score_mod, similarity, scale, sinks, dropout_p, return_lse, backend)
+        if inputs.empty:
+            out, lse = _empty_result(inputs)
+            return (out, lse) if return_lse else out
         chosen = _dispatch.select(inputs, backend)
         if key is not None:
             if len(_PLAIN) >= _PLAIN_MAX:
                 _PLAIN.clear()
             _PLAIN[key] = (chosen, inputs.scale)
+    if chosen.dense_rows:  # the fused kernels misread some strides: copy just those tensors
+        inputs, _ = inputs.kernel_layout()
     out, lse = chosen.forward(inputs)
     if return_lse:
         assert lse is not None, "a backend that declares supports_lse returned no lse"
@@ -160,9 +181,29 @@ def explain(
 
     Validates exactly like attention() (same errors) but computes nothing.
     """
+    amp = _autocast_dtype(q, k, v)
+    if amp is not None:
+        with torch.autocast(q.device.type, enabled=False):
+            text = explain(
+                q.to(amp),
+                k.to(amp),
+                v.to(amp),
+                mask=mask,
+                score_mod=score_mod,
+                similarity=similarity,
+                scale=scale,
+                sinks=sinks,
+                dropout_p=dropout_p,
+                return_lse=return_lse,
+                backend=backend,
+            )
+        return f"under torch.autocast: q, k, v are cast to {amp} (as F.scaled_dot_product_attention)\n{text}"
     inputs = _validate(q, k, v, mask, score_mod, similarity, scale, sinks, dropout_p, return_lse, backend)
-    reasons = _dispatch.reasons_by_backend(inputs)
     lines = [f"attnopt.attention({inputs.describe()})"]
+    if inputs.empty:
+        lines.append("-> no backend runs: an empty problem (B, Hq, Sq or Sk is 0) returns zeros, lse -inf")
+        return "\n".join(lines)
+    reasons = _dispatch.reasons_by_backend(inputs)
     try:
         chosen = _dispatch.select(inputs, str(backend)).name
         lines.append(f"-> runs on '{chosen}'" + (" (pinned)" if backend != "auto" else ""))
@@ -175,13 +216,54 @@ def explain(
     for b in _dispatch.PRIORITY:
         r = reasons[b.name]
         if b.name == chosen:
-            status = f"chosen: {b.plan(inputs)}"
+            run_inputs, notes = inputs.kernel_layout() if b.dense_rows else (inputs, ())
+            status = "; ".join([f"chosen: {b.plan(run_inputs)}", *notes])
         elif not r:
             status = f"could run, {'not pinned' if backend != 'auto' else 'lower priority'}: {b.plan(inputs)}"
         else:
             status = "cannot run: " + "; ".join(r)
         lines.append(f"  {b.name:<{width}}  {status}")
     return "\n".join(lines)
+
+
+def _autocast_dtype(q: object, k: object, v: object) -> torch.dtype | None:
+    """The dtype torch.autocast runs this call in, or None (autocast off, float64 or invalid inputs).
+
+    Autocast casts floating inputs other than float64 to its dtype for F.scaled_dot_product_attention;
+    attention() does the same in one place, so out's dtype never depends on the backend.
+    """
+    if not all(isinstance(t, Tensor) for t in (q, k, v)):
+        return None
+    assert isinstance(q, Tensor)
+    device = q.device.type
+    try:
+        if not torch.is_autocast_enabled(device):
+            return None
+        dtype = torch.get_autocast_dtype(device)
+    except (RuntimeError, ValueError):  # a device type autocast does not know (meta, ...)
+        return None
+    dtypes = {t.dtype for t in (q, k, v)}  # type: ignore[union-attr]
+    if dtypes == {dtype} or any(d == torch.float64 or not d.is_floating_point for d in dtypes):
+        return None  # nothing to cast; autocast leaves float64 alone; validate() reports the rest
+    return dtype
+
+
+def _empty_result(inputs: AttentionInputs) -> tuple[Tensor, Tensor]:
+    """Attention with no output element or no key (Sk = 0: out 0, lse -inf, or the sink with sinks).
+
+    Built from sums over empty slices, which are exact zeros that stay in the autograd graph: backward
+    gives zero gradients (never an error, never NaN), as F.scaled_dot_product_attention does.
+    """
+    q, k, v = inputs.q, inputs.k, inputs.v
+    G = inputs.Hq // inputs.Hkv if inputs.Hkv else 0
+    qz = q[..., :0].sum(-1, keepdim=True)  # (B, Hq, Sq, 1)
+    vz = v[:, :, :0].sum(2, keepdim=True) + k[:, :, :0].sum((2, 3))[..., None, None]  # (B, Hkv, 1, Dv)
+    out = qz + vz.repeat_interleave(G, dim=1)  # (B, Hq, Sq, Dv) zeros
+    acc = torch.float64 if inputs.dtype == torch.float64 else torch.float32
+    lse = torch.full((inputs.B, inputs.Hq, inputs.Sq), float("-inf"), dtype=acc, device=inputs.device)
+    if inputs.sinks is not None:  # the softmax runs over the sink alone: lse = sink[h]
+        lse = inputs.sinks.to(acc).view(1, -1, 1).expand_as(lse)
+    return out, lse
 
 
 def available_backends() -> list[str]:

@@ -53,10 +53,11 @@ def add_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
     return (out.to(scale.dtype) * scale.unsqueeze(-1)).to(out.dtype), new_lse
 
 
-def sinks_grad(sinks: Tensor, lse: Tensor, delta: Tensor) -> Tensor:
-    """d loss / d sinks (Hq,) given the final lse (B, Hq, Sq) and delta = rowsum(dO ∘ O) - dlse.
+def sinks_grad(p_sink: Tensor, delta: Tensor) -> Tensor:
+    """d loss / d sinks (Hq,) given each row's sink weight p_sink (B, Hq, Sq) and delta = rowsum(dO ∘ O) - dlse.
 
     The sink is a softmax column with no value: d sink[h] = -sum over (b, i) of p_sink[b, h, i] * delta.
+    Callers form p_sink from what they keep: exp(sink - lse), or exp(sink - max) / normalizer where the
+    LSE cannot hold the normalizer next to a huge row max.
     """
-    p_sink = torch.exp(sinks.to(lse.dtype).view(1, -1, 1) - lse)
-    return -(p_sink * delta.to(lse.dtype)).sum(dim=(0, 2)).to(sinks.dtype)
+    return -(p_sink * delta.to(p_sink.dtype)).sum(dim=(0, 2))

@@ -15,7 +15,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .masks import Align, MaskContext, _check_align, broadcast_problems, gather_tile
+from .masks import (
+    FLOAT_DTYPES,
+    Align,
+    MaskContext,
+    _check_align,
+    broadcast_problems,
+    elementwise_call,
+    gather_tile,
+    probe_elementwise,
+)
 
 __all__ = ["ScoreMod", "alibi", "alibi_slopes", "bias", "custom", "softcap"]
 
@@ -56,15 +65,22 @@ class alibi(ScoreMod):
 
     def __post_init__(self):
         _check_align(self.align)
-        if not isinstance(self.slopes, Tensor) or not self.slopes.dtype.is_floating_point:
+        if not isinstance(self.slopes, Tensor) or self.slopes.dtype not in FLOAT_DTYPES:
             got = self.slopes.dtype if isinstance(self.slopes, Tensor) else type(self.slopes).__name__
-            raise TypeError(f"alibi slopes must be a floating-point tensor of shape (Hq,), got {got}")
+            raise TypeError(
+                f"alibi slopes must be a floating-point tensor of shape (Hq,), got {got} (allowed dtypes: "
+                f"float16, bfloat16, float32, float64)"
+            )
 
     def __call__(self, score, b, h, i, j, ctx):
         dist = (i + ctx.offset(self.align) - j).abs().to(score.dtype)
         return score - self.slopes.to(score.device, score.dtype)[h] * dist
 
     def check(self, ctx):
+        if self.slopes.device != ctx.device:
+            return [
+                f"alibi slopes are on {self.slopes.device} but q is on {ctx.device} (move them to q's device)"
+            ]
         if tuple(self.slopes.shape) != (ctx.Hq,):
             return [
                 f"alibi slopes shape {tuple(self.slopes.shape)}; expected (Hq,)=({ctx.Hq},), one per query head"
@@ -101,9 +117,10 @@ class bias(ScoreMod):
     def __post_init__(self):
         if not isinstance(self.bias, Tensor):
             raise TypeError(f"bias must be a torch.Tensor, got {type(self.bias).__name__}")
-        if not self.bias.dtype.is_floating_point:
+        if self.bias.dtype not in FLOAT_DTYPES:
             raise TypeError(
-                f"bias dtype={self.bias.dtype}; it must be floating point (for a bool keep-mask use attnopt.masks.dense)"
+                f"bias dtype={self.bias.dtype}; it must be floating point: float16, bfloat16, float32 or "
+                f"float64 (for a bool keep-mask use attnopt.masks.dense)"
             )
 
     def __call__(self, score, b, h, i, j, ctx):
@@ -118,7 +135,10 @@ class bias(ScoreMod):
 
 @dataclass(frozen=True, eq=False)
 class custom(ScoreMod):
-    """Any ``fn(score, b, h, i, j) -> score`` (FlexAttention ``score_mod`` signature, raw indices)."""
+    """Any ``fn(score, b, h, i, j) -> score`` (FlexAttention ``score_mod`` signature, raw indices).
+
+    Evaluated on whole tiles when it is elementwise, through torch.vmap when it is not (validation probes).
+    """
 
     fn: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
@@ -127,28 +147,21 @@ class custom(ScoreMod):
             raise TypeError(
                 f"custom score_mod needs a callable fn(score, b, h, i, j), got {type(self.fn).__name__}"
             )
+        object.__setattr__(self, "_probed", {})  # MaskContext -> (problem, vmapped)
 
     def __call__(self, score, b, h, i, j, ctx):
-        return self.fn(score, b, h, i, j)
+        vmapped = any(v for _, v in self._probed.values())
+        return elementwise_call(self.fn, (score, b, h, i, j), vmapped)
 
     def check(self, ctx):
-        # Probe one (0, 0) element so a broken function is reported before any attention compute.
-        kw = {"device": ctx.device, "dtype": torch.long}
-        zero = torch.zeros((1, 1, 1, 1), **kw)
-        score = torch.zeros((1, 1, 1, 1), device=ctx.device)
-        try:
-            out = self.fn(score, zero, zero, zero, zero)
-        except Exception as e:  # the user's function failed: report it as a validation problem
-            return [f"custom score_mod fn failed on a probe element: {type(e).__name__}: {e}"]
-        if not isinstance(out, Tensor) or not out.dtype.is_floating_point:
-            got = out.dtype if isinstance(out, Tensor) else type(out).__name__
-            return [f"custom score_mod fn must return a floating-point tensor, got {got}"]
-        if out.shape != score.shape:
-            return [
-                f"custom score_mod fn returned shape {tuple(out.shape)} for a score of shape (1, 1, 1, 1); "
-                f"it must be elementwise (same shape as score)"
-            ]
-        return []
+        if ctx.B * ctx.Hq * ctx.Sq * ctx.Sk == 0:
+            return []
+        if ctx not in self._probed:
+            self._probed[ctx] = probe_elementwise(
+                self.fn, f"custom score_mod fn {self.fn!r}", ctx, score=True
+            )
+        problem = self._probed[ctx][0]
+        return [problem] if problem else []
 
     def __repr__(self) -> str:
         return f"custom({getattr(self.fn, '__name__', repr(self.fn))})"

@@ -26,6 +26,9 @@ class Backend:
     supports_lse: ClassVar[bool] = True
     supports_sinks: ClassVar[bool] = True
     similarities: ClassVar[frozenset[str]] = frozenset({"dot", "cosine", "euclidean"})
+    # torch's fused kernels misread some strides (see _inputs.kernel_layout_problem): attention() copies
+    # the inputs such a backend would misread, and explain() says so.
+    dense_rows: ClassVar[bool] = False
 
     @classmethod
     def is_available(cls) -> bool:
@@ -73,3 +76,49 @@ def unit_qk(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
     """Cosine similarity as a dot product: q and k scaled to unit length (in float32 at least)."""
     cd = torch.promote_types(q.dtype, torch.float32)
     return F.normalize(q.to(cd), dim=-1).to(q.dtype), F.normalize(k.to(cd), dim=-1).to(k.dtype)
+
+
+def split_nonfinite(t: Tensor) -> tuple[Tensor, Tensor]:
+    """(t with its NaN/inf entries zeroed, bool (..., S): the rows that held one).
+
+    Exact handling of masked-out garbage: a product with a zero weight must contribute exactly nothing,
+    but 0 · NaN = NaN. With the finite part in the matmuls and the bad rows marked separately, a masked
+    row or key contributes 0 · 0, while a kept bad one still makes its rows NaN.
+    """
+    ok = torch.isfinite(t)
+    return t.masked_fill(~ok, 0), ~ok.all(-1)
+
+
+# The fused kernels keep one float32 log-sum-exp per row; their backward rebuilds P = exp(s - lse), and
+# merging span pieces weights them by exp(lse_piece - lse). Once |lse| is so large that log(Sk) falls
+# below its rounding step, P and the merge weights are off by up to a factor Sk (a float32-min bias row
+# on bf16 inputs; q = k = 133120; scale = 1e3). Scores bounded by 2**14 keep the LSE's rounding under
+# 1e-3 relative, and were within the tolerance rule in every fp32 / bf16 gradient check run here (with
+# fp32 logits up to ~7e3; at ~8e4 no fp32 computation, blockwise included, is within it).
+FUSED_SCORE_LIMIT = 2.0**14
+
+
+def fused_data_reasons(
+    inputs: AttentionInputs, *, masks: bool, merges: bool, cleans_key_only: bool = False
+) -> list[str]:
+    """Data a fused kernel would get wrong (reads the data: one sum / norm pass, only when it matters).
+
+    masks: the kernel call hides some scores (a mask or a bias). merges: the backend merges partial
+    results by their LSE (then huge scores matter without gradients too). cleans_key_only: the backend
+    zeroes masked-out keys itself when the mask is a key-only one.
+    """
+    r = []
+    key_only = inputs.mask is not None and inputs.mask.key_only and not inputs.mods
+    if masks and not (cleans_key_only and key_only) and inputs.nonfinite:
+        r.append(
+            "q, k or v hold NaN/inf and the mask hides some scores: a fused kernel weighs masked-out values "
+            "by 0 and 0·NaN = NaN (blockwise skips them exactly)"
+        )
+    if (merges or inputs.requires_grad) and inputs.score_bound > FUSED_SCORE_LIMIT:
+        r.append(
+            f"scores reach {inputs.score_bound:.3g} > {FUSED_SCORE_LIMIT:g}: the fused kernel's float32 LSE "
+            f"cannot hold log(Sk) next to such a row max, so its "
+            f"{'merges and ' if merges else ''}gradients would be off by up to a factor Sk "
+            f"(blockwise keeps the row max and the normalizer apart)"
+        )
+    return r

@@ -9,6 +9,7 @@ through the returned LSE. Scores, softmax and LSE run in float32 (float64 for fl
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -19,10 +20,10 @@ from torch import Tensor
 
 from .._inputs import AttentionInputs
 from ..masks import Mask, MaskContext, Tile, tile_indices
-from ..merge import add_sinks, sinks_grad
+from ..merge import sinks_grad
 from ..mods import ScoreMod, alibi, bias
 from ..mods import custom as custom_mod
-from ._base import Backend
+from ._base import Backend, split_nonfinite
 
 NEG_INF = float("-inf")
 
@@ -51,6 +52,9 @@ class _Plan:
     cd: torch.dtype
     bq: int
     bk: int
+    # q, k or v hold NaN/inf and some score may be masked: run on their finite parts and mark bad rows,
+    # so masked-out garbage contributes exactly nothing (0 · NaN would be NaN), forward and backward.
+    split: bool = False
 
     def rows(self):
         """(qi, q0, q1, [(ki, k0, k1, kind), ...]) per query block, EMPTY tiles left out."""
@@ -65,7 +69,9 @@ class _Plan:
                     row.append((ki, k0, k1, kind))
             yield qi, q0, q1, row
 
-    def scores(self, qf: Tensor, kf: Tensor, q0: int, q1: int, k0: int, k1: int, kind: Tile) -> Tensor:
+    def scores(
+        self, qf: Tensor, kf: Tensor, q0: int, q1: int, k0: int, k1: int, kind: Tile, bad: _Bad | None
+    ) -> Tensor:
         """Modified, masked scores of one tile, (B, Hq, bq, bk) in the compute dtype."""
         B, Hq = self.ctx.B, self.ctx.Hq
         bq, bk = q1 - q0, k1 - k0
@@ -84,12 +90,24 @@ class _Plan:
             if kind is Tile.PARTIAL:
                 assert self.mask is not None
                 s = torch.where(self.mask.keep(b, h, i, j, self.ctx), s, NEG_INF)
+        if bad is not None:  # a kept score of a bad q row or k row is NaN; masked ones stay -inf
+            marked = bad.q[:, :, q0:q1, None] | bad.k[:, :, None, k0:k1]  # (B, Hq, bq, bk)
+            s = torch.where(marked & (s > NEG_INF), float("nan"), s)
         return s
 
     def dropout_keep(self, qi: int, ki: int, shape: torch.Size, device: torch.device) -> Tensor:
         """The tile's dropout keep-mask, regenerated identically in the backward from (seed, tile)."""
         gen = torch.Generator(device=device).manual_seed(self.seed + 1_000_003 * qi + ki)
         return torch.rand(shape, generator=gen, device=device) >= self.dropout_p
+
+
+@dataclass(frozen=True)
+class _Bad:
+    """Rows holding NaN/inf: q (B, Hq, Sq), k and v (B, Hq, Sk) (kv rows repeated over each group)."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
 
 
 def _pv(p: Tensor, vb: Tensor, B: int, Hkv: int) -> Tensor:
@@ -99,18 +117,25 @@ def _pv(p: Tensor, vb: Tensor, B: int, Hkv: int) -> Tensor:
     return out.view(B, Hq, bq, vb.shape[-1])
 
 
-def _forward(plan: _Plan, qf: Tensor, kf: Tensor, vf: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """out (B, Hq, Sq, Dv), lse (B, Hq, Sq) in float64, row max (B, Hq, Sq) in the compute dtype."""
+def _forward(
+    plan: _Plan, qf: Tensor, kf: Tensor, vf: Tensor, bad: _Bad | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """out (B, Hq, Sq, Dv), row max m and normalizer norm = sum exp(s - m), both (B, Hq, Sq) in the compute dtype.
+
+    m and norm are kept apart rather than as one LSE: next to a huge row max (a float32-min bias row) the
+    LSE cannot hold log(norm), and the backward's P = exp(s - m) / norm would be off by up to a factor Sk.
+    """
     B, Hq, Sq = plan.ctx.B, plan.ctx.Hq, plan.ctx.Sq
     out = qf.new_zeros(B, Hq, Sq, plan.Dv)  # rows with no visible key stay 0 ...
-    lse = qf.new_full((B, Hq, Sq), NEG_INF, dtype=torch.float64)  # ... with lse -inf
-    rowmax = qf.new_full((B, Hq, Sq), NEG_INF)
+    m_all = qf.new_full((B, Hq, Sq), NEG_INF)  # ... with m = -inf and norm = 0
+    l_all = qf.new_zeros(B, Hq, Sq)
     for qi, q0, q1, row in plan.rows():
         m = qf.new_full((B, Hq, q1 - q0), NEG_INF)  # running max
         denom = qf.new_zeros(B, Hq, q1 - q0)  # running sum of exp(s - m)
         acc = qf.new_zeros(B, Hq, q1 - q0, plan.Dv)  # running sum of exp(s - m) v
+        nan_rows = None
         for ki, k0, k1, kind in row:
-            s = plan.scores(qf, kf, q0, q1, k0, k1, kind)
+            s = plan.scores(qf, kf, q0, q1, k0, k1, kind, bad)
             m_new = torch.maximum(m, s.amax(-1))
             m_safe = torch.where(m_new == NEG_INF, 0.0, m_new)  # all keys so far masked: exp() -> 0, not NaN
             alpha = torch.exp(m - m_safe)
@@ -120,34 +145,45 @@ def _forward(plan: _Plan, qf: Tensor, kf: Tensor, vf: Tensor) -> tuple[Tensor, T
                 p = p * plan.dropout_keep(qi, ki, p.shape, p.device) / (1 - plan.dropout_p)
             acc = acc * alpha.unsqueeze(-1) + _pv(p, vf[:, :, k0:k1], B, plan.Hkv)
             m = m_new
+            if bad is not None:  # rows that keep a bad value row are NaN
+                hit = ((s > NEG_INF) & bad.v[:, :, None, k0:k1]).any(-1)  # (B, Hq, bq)
+                nan_rows = hit if nan_rows is None else nan_rows | hit
         empty = denom == 0
-        safe = torch.where(empty, 1.0, denom)
-        out[:, :, q0:q1] = acc / safe.unsqueeze(-1)
-        # lse kept in float64: the backward rebuilds P as exp(s - m) * exp(m - lse), and a float32 lse of
-        # magnitude |lse| would cost |lse| ulps in every P (6x the plain fp32 error in decode).
-        lse[:, :, q0:q1] = torch.where(empty, NEG_INF, m.double() + torch.log(safe.double()))
-        rowmax[:, :, q0:q1] = m
-    return out, lse, rowmax
+        o = acc / torch.where(empty, 1.0, denom).unsqueeze(-1)
+        out[:, :, q0:q1] = o if nan_rows is None else o.masked_fill(nan_rows.unsqueeze(-1), float("nan"))
+        m_all[:, :, q0:q1] = m
+        l_all[:, :, q0:q1] = denom
+    return out, m_all, l_all
+
+
+def _add_sinks(out: Tensor, m: Tensor, norm: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Fold per-head sink logits (Hq,) into (out, m, norm) as one more softmax column with no value."""
+    sink = sinks.to(m.dtype).view(1, -1, 1)
+    m2 = torch.maximum(m, sink)  # finite: the sink is
+    scaled = norm * torch.exp(m - m2)  # exp(-inf) = 0 for rows with no key
+    l2 = scaled + torch.exp(sink - m2)
+    return out * (scaled / l2).unsqueeze(-1).to(out.dtype), m2, l2
 
 
 def _backward(
     plan: _Plan,
     tensors: list[Tensor],
     out: Tensor,
-    lse: Tensor,
-    rowmax: Tensor,
+    m: Tensor,
+    norm: Tensor,
     dout: Tensor,
     dlse: Tensor | None,
     sinks: Tensor | None,
+    bad: _Bad | None,
 ) -> list[Tensor | None]:
     qf, kf, vf, *mod_tensors = tensors
     B = plan.ctx.B
     delta = (dout * out).sum(-1)  # (B, Hq, Sq): rowsum(dO ∘ O) = rowsum(P ∘ dP)
     if dlse is not None:
         delta = delta - dlse  # d lse / d s = P: folds into the same softmax-backward formula
-    # P = exp(s - m) * exp(m - lse): the same rounding as a plain softmax, exp(s - m) / l.
-    m_safe = torch.where(rowmax == NEG_INF, 0.0, rowmax)  # rows with no key: s = -inf, exp() = 0
-    inv = torch.where(lse == NEG_INF, 0.0, torch.exp(m_safe.double() - lse)).to(plan.cd)
+    # P = exp(s - m) / norm: the same rounding as a plain softmax, however large the row max is.
+    m_safe = torch.where(m == NEG_INF, 0.0, m)  # rows with no key: s = -inf, exp() = 0
+    inv = torch.where(norm == 0, 0.0, 1.0 / torch.where(norm == 0, 1.0, norm))
     dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
     dmods = [torch.zeros_like(t, dtype=plan.cd) for t in mod_tensors]
     tiles = [(qi, q0, q1, *t) for qi, q0, q1, row in plan.rows() for t in row]
@@ -155,8 +191,11 @@ def _backward(
         with torch.enable_grad():  # local autograd through similarity, modifiers and mask of one tile
             qt = qf.detach().requires_grad_(True)
             kt = kf.detach().requires_grad_(True)
-            s = plan.scores(qt, kt, q0, q1, k0, k1, kind)
+            s = plan.scores(qt, kt, q0, q1, k0, k1, kind, bad)
             p = torch.exp(s.detach() - m_safe[:, :, q0:q1, None]) * inv[:, :, q0:q1, None]  # (B, Hq, bq, bk)
+            live = s.detach() > NEG_INF if bad is not None else None
+            if live is not None:  # a bad row's NaN must not reach the scores it masks
+                p = p.masked_fill(~live, 0.0)
             do = dout[:, :, q0:q1]  # (B, Hq, bq, Dv)
             vb = vf[:, :, k0:k1]
             p_used = p
@@ -169,13 +208,18 @@ def _backward(
                 B, plan.Hkv, -1, plan.Dv
             )
             ds = p * (dp - delta[:, :, q0:q1].unsqueeze(-1))
+            if live is not None:
+                ds = ds.masked_fill(~live, 0.0)
             wrt = [qt, kt, *(t for t in mod_tensors if t.requires_grad)]
             grads = iter(torch.autograd.grad(s, wrt, ds, allow_unused=True))
         for acc, t in zip([dq, dk, *dmods], [qt, kt, *mod_tensors]):
             g = next(grads) if t.requires_grad else None
             if g is not None:
                 acc += g
-    dsinks = None if sinks is None else sinks_grad(sinks, lse, delta)
+    dsinks = None
+    if sinks is not None:  # the sink's own softmax weight, from the kept (m, norm)
+        p_sink = torch.exp(sinks.to(m.dtype).view(1, -1, 1) - m_safe) * inv
+        dsinks = sinks_grad(p_sink, delta)
     return [dq, dk, dv, dsinks, *dmods]
 
 
@@ -187,32 +231,42 @@ class _BlockwiseFn(torch.autograd.Function):
         B, _, Sq, D = q.shape
         qf = q.to(plan.cd).view(B, plan.Hkv, plan.G, Sq, D)  # (B, Hkv, G, Sq, D): GQA folded, no copy
         kf, vf = k.to(plan.cd), v.to(plan.cd)
-        out, lse, rowmax = _forward(plan, qf, kf, vf)
+        bad = None
+        if plan.split:
+            (qf, qbad), (kf, kbad), (vf, vbad) = (split_nonfinite(t) for t in (qf, kf, vf))
+            rep = functools.partial(
+                torch.repeat_interleave, repeats=plan.G, dim=1
+            )  # (B, Hkv, S) -> (B, Hq, S)
+            bad = _Bad(qbad.view(B, -1, Sq), rep(kbad), rep(vbad))
+        out, m, norm = _forward(plan, qf, kf, vf, bad)
         if sinks is not None:
-            out, lse = add_sinks(out, lse, sinks)
-        ctx.plan, ctx.in_dtypes = plan, (q.dtype, k.dtype, v.dtype)
+            out, m, norm = _add_sinks(out, m, norm, sinks)
+        lse = torch.where(norm == 0, NEG_INF, m.double() + torch.log(norm.double())).to(plan.cd)
+        ctx.plan, ctx.in_dtypes, ctx.bad = plan, (q.dtype, k.dtype, v.dtype), bad
         ctx.has_sinks = sinks is not None
-        ctx.save_for_backward(qf, kf, vf, out, lse, rowmax, sinks if sinks is not None else out.new_empty(0))
+        ctx.save_for_backward(qf, kf, vf, out, m, norm, sinks if sinks is not None else out.new_empty(0))
         ctx.set_materialize_grads(False)
-        return out.to(q.dtype), lse.to(plan.cd)
+        return out.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, dout: Tensor | None, dlse: Tensor | None):
-        qf, kf, vf, out, lse, rowmax, sinks = ctx.saved_tensors
+        qf, kf, vf, out, m, norm, sinks = ctx.saved_tensors
         plan: _Plan = ctx.plan
         mod_tensors = _mod_tensors(plan.mods)  # the modifiers' own tensors: the local graph reaches them
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv, dsinks, *dmods = _backward(
-            plan,
-            [qf, kf, vf, *mod_tensors],
-            out,
-            lse,
-            rowmax,
-            dout.to(plan.cd),
-            None if dlse is None else dlse.to(plan.cd),
-            sinks if ctx.has_sinks else None,
-        )
+        with torch.autocast(out.device.type, enabled=False):  # a backward called under autocast
+            dq, dk, dv, dsinks, *dmods = _backward(
+                plan,
+                [qf, kf, vf, *mod_tensors],
+                out,
+                m,
+                norm,
+                dout.to(plan.cd),
+                None if dlse is None else dlse.to(plan.cd),
+                sinks if ctx.has_sinks else None,
+                ctx.bad,
+            )
         qd, kd, vd = ctx.in_dtypes
         B, _, _, Sq, D = qf.shape
         dq = dq.view(B, -1, Sq, D).to(qd)
@@ -283,4 +337,5 @@ def _make_plan(inputs: AttentionInputs, seed: int = 0) -> _Plan:
         cd,
         bq,
         min(BLOCK_K, inputs.Sk),
+        inputs.may_mask and inputs.nonfinite,
     )

@@ -16,7 +16,7 @@ from torch import Tensor
 from .._inputs import AttentionInputs
 from ..masks import Mask, MaskContext, tile_indices
 from ..mods import ScoreMod
-from ._base import Backend
+from ._base import Backend, split_nonfinite
 
 NEG_INF = float("-inf")
 
@@ -48,10 +48,12 @@ def reference_attention(
 
     # Step 1 — encode. q, k, v arrive already projected and split into heads. Grouped-query attention:
     # query head h reads kv head h // G, so repeat each kv head G times (fine for an oracle).
+    # A masked-out key must contribute exactly nothing even if it holds NaN/inf (a KV cache from
+    # torch.empty), but 0 · NaN = NaN: compute on the finite parts and remember which rows were bad.
     G = Hq // Hkv
-    qc = q.to(cd)  # (B, Hq, Sq, D)
-    kc = k.to(cd).repeat_interleave(G, dim=1)  # (B, Hq, Sk, D)
-    vc = v.to(cd).repeat_interleave(G, dim=1)  # (B, Hq, Sk, Dv)
+    qc, q_bad = split_nonfinite(q.to(cd))  # (B, Hq, Sq, D), (B, Hq, Sq)
+    kc, k_bad = (t.repeat_interleave(G, dim=1) for t in split_nonfinite(k.to(cd)))  # (B, Hq, Sk, D)
+    vc, v_bad = (t.repeat_interleave(G, dim=1) for t in split_nonfinite(v.to(cd)))  # (B, Hq, Sk, Dv)
 
     # Step 2 — score every query against every key.
     if similarity == "dot":
@@ -72,6 +74,8 @@ def reference_attention(
         s = mod(s, b, h, i, j, ctx).to(cd)  # a modifier may promote (python floats, int indices): stay in cd
     if mask is not None:
         s = torch.where(mask.keep(b, h, i, j, ctx), s, NEG_INF)  # where(): no gradient reaches masked scores
+    kept = s > NEG_INF  # (B, Hq, Sq, Sk): a -inf score (mask or bias) is masked out
+    s = torch.where(kept & (q_bad[..., None] | k_bad[..., None, :]), float("nan"), s)  # kept bad: NaN
 
     # Step 3 — softmax, safe for fully masked rows. With sinks, the softmax runs over [s, sink[h]] and the
     # sink column is dropped (its probability mass goes nowhere).
@@ -80,7 +84,7 @@ def reference_attention(
     if sink is not None:
         m = torch.maximum(m, sink)
     m = torch.where(m == NEG_INF, 0.0, m).detach()  # a constant shift; -inf row max -> 0 keeps exp() NaN-free
-    e = torch.exp(s - m)
+    e = torch.where(kept, torch.exp(s - m), 0.0)  # masked scores weigh exactly 0, even in a NaN row
     denom = e.sum(dim=-1, keepdim=True)
     if sink is not None:
         denom = denom + torch.exp(sink - m)
@@ -92,6 +96,7 @@ def reference_attention(
     # Step 4 — the weighted sum of values.
     p_used = F.dropout(p, dropout_p) if dropout_p > 0 else p
     out = p_used @ vc  # (B, Hq, Sq, Dv)
+    out = out.masked_fill((kept & v_bad[..., None, :]).any(-1, keepdim=True), float("nan"))  # kept bad v
     return out.to(q.dtype), lse, p
 
 

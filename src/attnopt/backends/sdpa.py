@@ -18,7 +18,7 @@ from torch import Tensor
 from .._inputs import AttentionInputs
 from ..masks import as_4d, causal, dense
 from ..mods import bias
-from ._base import Backend, unit_qk
+from ._base import Backend, fused_data_reasons, unit_qk
 
 
 class SdpaBackend(Backend):
@@ -28,12 +28,16 @@ class SdpaBackend(Backend):
     description: ClassVar[str] = "torch fused scaled_dot_product_attention"
     supports_lse: ClassVar[bool] = False  # the public SDPA API does not return the log-sum-exp
     supports_sinks: ClassVar[bool] = False
+    dense_rows: ClassVar[bool] = True
     similarities: ClassVar[frozenset[str]] = frozenset({"dot", "cosine"})
 
     def not_supported_reasons(self, inputs: AttentionInputs) -> list[str]:
         r = super().not_supported_reasons(inputs)
         if any(not isinstance(mod, bias) for mod in inputs.mods) or len(inputs.mods) > 1:
             r.append(f"score_mod={list(inputs.mods)!r}: SDPA takes at most one additive bias tensor")
+        if not r:  # the data checks read q, k and v: only when nothing else refuses already
+            masks = _mask_plan(inputs)[0] != "none" or bool(inputs.mods)
+            r += fused_data_reasons(inputs, masks=masks, merges=False, cleans_key_only=True)
         return r
 
     def rank(self, inputs: AttentionInputs) -> float:
@@ -71,7 +75,13 @@ class SdpaBackend(Backend):
             q = q[:, :, zero_rows:]
         elif kind == "padding":
             assert m is not None and m.key_only
-            attn_mask = m.tile(0, 1, 0, inputs.Sk, inputs.ctx)  # (B, 1, 1, Sk): the same for every query
+            lo, hi = m.key_range(0, inputs.Sq, inputs.ctx)
+            if not lo < hi:  # no key is kept anywhere: the kernel still runs, on every key, all masked
+                lo, hi = 0, inputs.Sk
+            k, v = k[:, :, lo:hi], v[:, :, lo:hi]  # keys no row keeps are never read
+            attn_mask = m.tile(0, 1, lo, hi, inputs.ctx)  # (B, 1, 1, Sk'): the same for every query
+            if not inputs.mods:
+                q, k, v = _clean_key_only(q, k, v, attn_mask, inputs.dtype)
         elif kind == "dense":
             assert isinstance(m, dense)
             attn_mask = as_4d(m.mask)
@@ -84,12 +94,17 @@ class SdpaBackend(Backend):
         empty = None if attn_mask is None else ~attn_mask.any(-1, keepdim=True)
         if inputs.mods:
             t = as_4d(inputs.mods[0].bias)
+            if kind == "padding" and t.shape[-1] > 1:
+                t = t[..., lo:hi]
             live = t > float("-inf") if attn_mask is None else (t > float("-inf")) & attn_mask
             empty = ~live.any(-1, keepdim=True)  # -inf bias entries are hard masks too
             # SDPA adds a float attn_mask to the scores; fold the bool keep-mask in as -inf.
             attn_mask = t if attn_mask is None else t.masked_fill(~attn_mask, float("-inf"))
-            if attn_mask.dtype != q.dtype:
-                attn_mask = attn_mask.to(q.dtype)
+            # The bias is added in float32 (float64 for float64 inputs): SDPA takes a float32 mask with
+            # bf16/fp16 inputs, and rounding it to bf16 moved a BLOOM-style ALiBi bias by up to 4.
+            cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+            if attn_mask.dtype not in (q.dtype, cd):
+                attn_mask = attn_mask.to(cd)
         fold = _fold_gqa(inputs, kind)
         if fold:  # (B, Hq, Sq, D) -> (B, Hkv, G*Sq, D): each kv head serves its G query heads in one call
             q = q.reshape(inputs.B, inputs.Hkv, -1, inputs.D)
@@ -110,6 +125,21 @@ class SdpaBackend(Backend):
         if zero_rows:
             out = torch.cat([out.new_zeros(*out.shape[:2], zero_rows, out.shape[3]), out], dim=2)
         return out, None
+
+
+def _clean_key_only(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """Zero masked-out keys/values (and the queries of batch elements with no key) if any q/k/v entry is
+    NaN/inf: the kernel weighs masked-out values by 0, and 0·NaN = NaN. keep: (B, 1, 1, Sk) bool.
+
+    A key-only mask masks a key for every query of its batch element, so zeroing it changes nothing
+    else. One float32 sum per tensor decides; the copies are made only when something is not finite.
+    """
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if bool(torch.isfinite(torch.stack([t.detach().sum(dtype=acc) for t in (q, k, v)])).all()):
+        return q, k, v
+    gone = ~keep.transpose(-1, -2)  # (B, 1, Sk, 1)
+    no_key = ~keep.any(-1, keepdim=True)  # (B, 1, 1, 1)
+    return q.masked_fill(no_key, 0.0), k.masked_fill(gone, 0.0), v.masked_fill(gone, 0.0)
 
 
 def _fold_gqa(inputs: AttentionInputs, kind: str) -> bool:

@@ -24,7 +24,7 @@ from .._inputs import AttentionInputs
 from ..masks import Mask, MaskContext, Tile, causal, tile_indices
 from ..merge import add_sinks, merge, sinks_grad
 from ..mods import ScoreMod, alibi, bias
-from ._base import Backend, unit_qk
+from ._base import Backend, fused_data_reasons, unit_qk
 
 NEG_INF = float("-inf")
 
@@ -97,13 +97,16 @@ class _Plan:
         if key in self.cache:
             return self.cache[key]
         b, h, i, j = tile_indices(self.ctx, p.q0, p.q1, p.k0, p.k1)
-        add = torch.zeros((), dtype=torch.float32)
+        # Biases are built and added in float32 (float64 for float64 inputs): the kernel takes a float32
+        # mask with bf16/fp16 inputs, and rounding ALiBi at distance 2000 to bf16 moved scores by ~4.
+        cd = torch.float64 if dtype == torch.float64 else torch.float32
+        add = torch.zeros((), dtype=cd)
         for mod in self.mods:  # alibi / bias: additive, independent of the score
             add = mod(add, b, h, i, j, self.ctx)
         if self.mask is not None:
             add = torch.where(self.mask.keep(b, h, i, j, self.ctx), add, NEG_INF)
         add = add.expand(add.shape[0], add.shape[1], p.q1 - p.q0, p.k1 - p.k0)  # (Bt, Hq or 1, bq, span)
-        add = _fold_rows(add, self.Hkv, self.G).to(dtype)
+        add = _fold_rows(add, self.Hkv, self.G).to(cd if self.mods else dtype)  # 0 / -inf: exact in any dtype
         empty = torch.isinf(add).all(-1)  # the kernel reports lse 0 for such rows; we need -inf
         result = (add, empty if bool(empty.any()) else None)
         if key is not None:
@@ -151,6 +154,13 @@ def _chunks(p: _Piece) -> list[_Piece]:
     return [_Piece(p.q0, p.q1, a, b, p.masked) for a, b in itertools.pairwise(cuts)]
 
 
+def _single_call(mask: Mask | None, mods: tuple[ScoreMod, ...], ctx: MaskContext, G: int) -> bool:
+    """No mask, or causal where the kernel's top-left is_causal is exact (top-left, or Sq == Sk), with
+    GQA folded only when there is no mask (a folded causal row would see the wrong keys)."""
+    square = isinstance(mask, causal) and (mask.align == "top_left" or ctx.Sq == ctx.Sk) and G == 1
+    return not mods and (mask is None or square)
+
+
 def _pieces(
     mask: Mask | None, mods: tuple[ScoreMod, ...], ctx: MaskContext, G: int, invariant: bool
 ) -> tuple[tuple[int, int, tuple[_Piece, ...]], ...]:
@@ -163,8 +173,7 @@ def _pieces(
     # Whole-problem forms the kernel runs in one call (then only sinks needed span): no mask, and
     # causal where the kernel's top-left is_causal is exact (top-left, or Sq == Sk), with GQA folded
     # only when there is no mask (a folded causal row would see the wrong keys).
-    square = isinstance(mask, causal) and (mask.align == "top_left" or ctx.Sq == ctx.Sk) and G == 1
-    if not mods and (mask is None or square):
+    if _single_call(mask, mods, ctx, G):
         return ((0, ctx.Sq, (_Piece(0, ctx.Sq, 0, ctx.Sk, False, causal=mask is not None),)),)
     rows = []
     for q0 in range(0, ctx.Sq, BLOCK_Q):
@@ -247,7 +256,8 @@ class _SpanFn(torch.autograd.Function):
             dq[:, :, q0:q1] = dqb.reshape(B, Hq, q1 - q0, D).to(q.dtype)
         dsinks = None
         if ctx.has_sinks:
-            dsinks = sinks_grad(sinks, lse, (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1))
+            p_sink = torch.exp(sinks.to(lse.dtype).view(1, -1, 1) - lse)
+            dsinks = sinks_grad(p_sink, (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)).to(sinks.dtype)
         return None, dq, dk.to(k.dtype), dv.to(v.dtype), dsinks
 
 
@@ -258,6 +268,7 @@ class SpanBackend(Backend):
     description: ClassVar[str] = "fused CPU kernel on the key spans the mask allows, merged by LSE"
     device_types: ClassVar[frozenset[str] | None] = frozenset({"cpu"})
     supports_dropout: ClassVar[bool] = False
+    dense_rows: ClassVar[bool] = True
     similarities: ClassVar[frozenset[str]] = frozenset({"dot", "cosine"})
 
     @classmethod
@@ -286,6 +297,11 @@ class SpanBackend(Backend):
             )
         if inputs.return_lse and inputs.requires_grad:
             r.append("gradients through the returned LSE are not supported here (use backend='blockwise')")
+        merges = inputs.sinks is not None or not _single_call(
+            inputs.mask, inputs.mods, inputs.ctx, inputs.Hq // inputs.Hkv
+        )
+        if not r:  # the data checks read q, k and v: only when nothing else refuses already
+            r += fused_data_reasons(inputs, masks=inputs.may_mask, merges=merges)
         return r
 
     def rank(self, inputs: AttentionInputs) -> float:
