@@ -32,22 +32,56 @@ class Shape:
         return f"B{self.B}_H{self.Hq}_{self.Hkv}_Sq{self.Sq}_Sk{self.Sk}_D{self.D}{dv}"
 
 
+LAYOUTS = (
+    "contiguous",
+    "transposed",
+    "expanded",
+    "transposed_last",
+    "channels_last",
+    "overlapping",
+    "sliced",
+)
+
+
+def _storage_size(size: tuple[int, ...], stride: tuple[int, ...]) -> int:
+    return 1 + sum((n - 1) * st for n, st in zip(size, stride))
+
+
+def _overlap_strides(size: tuple[int, ...]) -> tuple[int, ...]:
+    """(B, H, S, D) strides whose memory overlaps itself: batch stride 1, heads D apart, rows H*D apart."""
+    _, H, _, D = size
+    return (1, D, H * D, 1)
+
+
 def make_leaves(shape: Shape, dtype: torch.dtype, layout: str = "contiguous", seed: int = 0) -> list[Tensor]:
-    """Leaf tensors q, k, v (requires_grad) whose views() have the requested layout."""
+    """Leaf tensors q, k, v (requires_grad) whose views() have the requested layout (see views())."""
     g = torch.Generator().manual_seed(seed)
     B, Hq, Hkv, Sq, Sk, D, Dv = shape.B, shape.Hq, shape.Hkv, shape.Sq, shape.Sk, shape.D, shape.dv
+    full = [(B, Hq, Sq, D), (B, Hkv, Sk, D), (B, Hkv, Sk, Dv)]
     if layout == "expanded":  # one batch element and one kv head, broadcast by stride 0
         sizes = [(1, Hq, Sq, D), (1, 1, Sk, D), (1, 1, Sk, Dv)]
+    elif layout == "transposed_last":  # (B, H, D, S) storage: the head dim has stride S
+        sizes = [(b, h, d, s) for b, h, s, d in full]
+    elif layout == "overlapping":  # one flat storage per tensor, read through self-overlapping strides
+        sizes = [(_storage_size(f, _overlap_strides(f)),) for f in full]
+    elif layout == "sliced":  # the middle third of a wider head dim, every other row of a longer sequence
+        sizes = [(b, h, 2 * s, 3 * d) for b, h, s, d in full]
     else:
-        sizes = [(B, Hq, Sq, D), (B, Hkv, Sk, D), (B, Hkv, Sk, Dv)]
+        sizes = full
     return [torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True) for s in sizes]
 
 
 def views(leaves: list[Tensor], shape: Shape, layout: str) -> list[Tensor]:
-    """q, k, v views of the leaves: contiguous | transposed ((B, S, H, D) storage) | expanded (stride 0)."""
+    """q, k, v (B, H, S, D) views of the leaves in a layout (gradients flow back to the leaves):
+
+    contiguous; transposed ((B, S, H, D) storage, how projections arrive); expanded (stride 0 over batch
+    and kv heads); transposed_last (last-dim stride != 1); channels_last (torch.channels_last strides);
+    overlapping (self-overlapping memory: batch stride 1); sliced (a slice of a wider head dim and a
+    strided slice of a longer sequence).
+    """
     if layout == "contiguous":
         return list(leaves)
-    if layout == "transposed":  # how projection outputs arrive: (B, S, H, D) memory, (B, H, S, D) view
+    if layout == "transposed":
         return [x.transpose(1, 2).contiguous().transpose(1, 2) for x in leaves]
     if layout == "expanded":
         q, k, v = leaves
@@ -56,6 +90,19 @@ def views(leaves: list[Tensor], shape: Shape, layout: str) -> list[Tensor]:
             k.expand(shape.B, shape.Hkv, -1, -1),
             v.expand(shape.B, shape.Hkv, -1, -1),
         ]
+    if layout == "transposed_last":
+        return [x.transpose(-1, -2) for x in leaves]
+    if layout == "channels_last":
+        return [x.contiguous(memory_format=torch.channels_last) for x in leaves]
+    if layout == "overlapping":
+        fulls = [
+            (shape.B, shape.Hq, shape.Sq, shape.D),
+            (shape.B, shape.Hkv, shape.Sk, shape.D),
+            (shape.B, shape.Hkv, shape.Sk, shape.dv),
+        ]
+        return [x.as_strided(f, _overlap_strides(f)) for x, f in zip(leaves, fulls)]
+    if layout == "sliced":
+        return [x[:, :, ::2, x.shape[-1] // 3 : 2 * x.shape[-1] // 3] for x in leaves]
     raise ValueError(layout)
 
 
