@@ -112,15 +112,19 @@ class AttentionInputs:
     def score_bound(self) -> float:
         """An upper bound on |score| of any kept entry (data-dependent: norms of q and k, bias maxima).
 
-        NaN/inf inputs give inf. Used by the fused kernels, whose float32 LSE cannot carry a backward at
-        huge scores (see backends._base.FUSED_SCORE_LIMIT).
+        Used by the fused kernels, whose float32 LSE cannot carry a backward at huge scores (see
+        backends._base.FUSED_SCORE_LIMIT).
         """
         if self.similarity == "cosine":
             bound = self.scale
         else:
             acc = torch.float64 if self.dtype == torch.float64 else torch.float32
-            qn = float(torch.linalg.vector_norm(self.q.detach(), dim=-1, dtype=acc).amax())
-            kn = float(torch.linalg.vector_norm(self.k.detach(), dim=-1, dtype=acc).amax())
+            # NaN/inf entries count as 0: where they are masked out they never score; where kept, the
+            # row is NaN whatever the bound says.
+            qn, kn = (
+                float(torch.linalg.vector_norm(t.detach().nan_to_num(0, 0, 0), dim=-1, dtype=acc).amax())
+                for t in (self.q, self.k)
+            )
             bound = self.scale * (qn * kn if self.similarity == "dot" else (qn + kn) ** 2)
         for mod in self.mods:
             if isinstance(mod, Mods.bias):

@@ -90,7 +90,7 @@ def reference_attention(
         denom = denom + torch.exp(sink - m)
     empty = denom == 0  # every key masked (and no sink)
     safe = torch.where(empty, 1.0, denom)
-    p = e / safe  # (B, Hq, Sq, Sk)
+    p = torch.where(kept, e / safe, 0.0)  # (B, Hq, Sq, Sk); 0, not 0 / NaN, where a NaN row masks a key
     lse = torch.where(empty, NEG_INF, m + torch.log(safe)).squeeze(-1)  # (B, Hq, Sq), log of the normalizer
 
     # Step 4 — the weighted sum of values.
