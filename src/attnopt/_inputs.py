@@ -115,6 +115,8 @@ class AttentionInputs:
         Used by the fused kernels, whose float32 LSE cannot carry a backward at huge scores (see
         backends._base.FUSED_SCORE_LIMIT).
         """
+        if self.empty:
+            return 0.0
         if self.similarity == "cosine":
             bound = self.scale
         else:

@@ -146,7 +146,9 @@ def attention(
         inputs = AttentionInputs(q, k, v, None, (), similarity, scale_f, None, float(dropout_p), return_lse)
     else:
         inputs = _validate(q, k, v, mask, score_mod, similarity, scale, sinks, dropout_p, return_lse, backend)
-        if inputs.empty:
+        if inputs.empty:  # no backend runs; a pinned one still says if it could not have run the call
+            if backend != "auto":
+                _dispatch.select(inputs, backend)
             out, lse = _empty_result(inputs)
             return (out, lse) if return_lse else out
         chosen = _dispatch.select(inputs, backend)
@@ -201,7 +203,10 @@ def explain(
     inputs = _validate(q, k, v, mask, score_mod, similarity, scale, sinks, dropout_p, return_lse, backend)
     lines = [f"attnopt.attention({inputs.describe()})"]
     if inputs.empty:
-        lines.append("-> no backend runs: an empty problem (B, Hq, Sq or Sk is 0) returns zeros, lse -inf")
+        lines.append(
+            "-> no backend runs: an empty problem (B, Hq, Sq or Sk is 0) returns zeros, lse -inf (the sink "
+            "logit with sinks)"
+        )
         return "\n".join(lines)
     reasons = _dispatch.reasons_by_backend(inputs)
     try:

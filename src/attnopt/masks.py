@@ -221,9 +221,10 @@ def probe_elementwise(
             else:
                 return "", vmapped
         except Exception as e:
-            failure = failure or f"on a whole tile it raised {type(e).__name__}: {e}"
+            said = str(e).split(". ")[0]  # torch's vmap errors run on for paragraphs
+            failure = failure or f"on a whole tile it raised {type(e).__name__}: {said}"
             if vmapped:
-                failure += f"; under torch.vmap it raised {type(e).__name__}: {e}"
+                failure += f"; under torch.vmap it raised {type(e).__name__}: {said}"
     return (
         f"{what} is not elementwise: {failure}. attnopt evaluates it on whole tiles of broadcast int64 index "
         f"tensors b (B,1,1,1), h (1,Hq,1,1), i (1,1,Sq,1), j (1,1,1,Sk) and falls back to torch.vmap, which "
@@ -469,6 +470,8 @@ def _set_lengths(mask: Mask, attr: str, label: str) -> None:
 
 def _length_problems(mask: Mask, attr: str, label: str, ctx: MaskContext) -> list[str]:
     t = getattr(mask, attr)
+    if t.device.type == "meta" and ctx.device.type != "meta":
+        return [f"{label} are on meta: they hold no values (pass them on q's device {ctx.device} or the CPU)"]
     if t.numel() != ctx.B:
         return [f"{label} has {t.numel()} entries; expected one per batch element (B={ctx.B})"]
     lo, hi = mask._min, mask._max  # type: ignore[attr-defined]

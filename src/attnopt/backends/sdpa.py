@@ -35,7 +35,7 @@ class SdpaBackend(Backend):
         r = super().not_supported_reasons(inputs)
         if any(not isinstance(mod, bias) for mod in inputs.mods) or len(inputs.mods) > 1:
             r.append(f"score_mod={list(inputs.mods)!r}: SDPA takes at most one additive bias tensor")
-        if not r:  # the data checks read q, k and v: only when nothing else refuses already
+        if not r and not inputs.empty:  # the data checks read q, k and v: only when nothing else refuses
             masks = _mask_plan(inputs)[0] != "none" or bool(inputs.mods)
             r += fused_data_reasons(inputs, masks=masks, merges=False, cleans_key_only=True)
         return r

@@ -297,10 +297,9 @@ class SpanBackend(Backend):
             )
         if inputs.return_lse and inputs.requires_grad:
             r.append("gradients through the returned LSE are not supported here (use backend='blockwise')")
-        merges = inputs.sinks is not None or not _single_call(
-            inputs.mask, inputs.mods, inputs.ctx, inputs.Hq // inputs.Hkv
-        )
-        if not r:  # the data checks read q, k and v: only when nothing else refuses already
+        if not r and not inputs.empty:  # the data checks read q, k and v: only when nothing else refuses
+            G = inputs.Hq // inputs.Hkv
+            merges = inputs.sinks is not None or not _single_call(inputs.mask, inputs.mods, inputs.ctx, G)
             r += fused_data_reasons(inputs, masks=inputs.may_mask, merges=merges)
         return r
 
