@@ -99,14 +99,29 @@ class AttentionInputs:
         return self.mask is not None or any(isinstance(m, (Mods.bias, Mods.custom)) for m in self.mods)
 
     @functools.cached_property
-    def nonfinite(self) -> bool:
-        """q, k or v hold NaN or inf somewhere: one float32 (float64) sum per tensor, one host sync.
+    def _scan(self) -> tuple[bool, float, float]:
+        """One read of q, k and v (a host sync): (any NaN/inf, max row norm of q, of k).
 
-        A sum overflowing to inf counts as non-finite too: that only costs speed (the exact tile path).
+        Row norms of q and k turn NaN/inf into NaN/inf (so do the float32 sum of v, and an overflow,
+        which only costs speed); the norms bound the scores. Non-finite entries count as 0 in the
+        norms: masked out they never score, kept they make their row NaN whatever the bound says.
         """
         acc = torch.float64 if self.dtype == torch.float64 else torch.float32
-        sums = torch.stack([t.detach().sum(dtype=acc) for t in (self.q, self.k, self.v)])
-        return not bool(torch.isfinite(sums).all())
+
+        def max_norm(t: Tensor) -> Tensor:
+            return torch.linalg.vector_norm(t.detach(), dim=-1, dtype=acc).amax()
+
+        stats = torch.stack([max_norm(self.q), max_norm(self.k), self.v.detach().sum(dtype=acc)])
+        qn, kn, vs = stats.tolist()
+        bad = not all(math.isfinite(x) for x in (qn, kn, vs))
+        if bad:
+            qn, kn = (float(max_norm(t.detach().nan_to_num(0, 0, 0))) for t in (self.q, self.k))
+        return bad, qn, kn
+
+    @property
+    def nonfinite(self) -> bool:
+        """q, k or v hold NaN or inf somewhere (or v's float32 sum overflows)."""
+        return False if self.empty else self._scan[0]
 
     @functools.cached_property
     def score_bound(self) -> float:
@@ -117,16 +132,10 @@ class AttentionInputs:
         """
         if self.empty:
             return 0.0
+        _, qn, kn = self._scan
         if self.similarity == "cosine":
             bound = self.scale
         else:
-            acc = torch.float64 if self.dtype == torch.float64 else torch.float32
-            # NaN/inf entries count as 0: where they are masked out they never score; where kept, the
-            # row is NaN whatever the bound says.
-            qn, kn = (
-                float(torch.linalg.vector_norm(t.detach().nan_to_num(0, 0, 0), dim=-1, dtype=acc).amax())
-                for t in (self.q, self.k)
-            )
             bound = self.scale * (qn * kn if self.similarity == "dot" else (qn + kn) ** 2)
         for mod in self.mods:
             if isinstance(mod, Mods.bias):

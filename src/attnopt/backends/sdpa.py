@@ -128,17 +128,23 @@ class SdpaBackend(Backend):
 
 
 def _clean_key_only(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
-    """Zero masked-out keys/values (and the queries of batch elements with no key) if any q/k/v entry is
+    """Zero masked-out keys/values (and the queries of batch elements with no key) if any of them is
     NaN/inf: the kernel weighs masked-out values by 0, and 0·NaN = NaN. keep: (B, 1, 1, Sk) bool.
 
     A key-only mask masks a key for every query of its batch element, so zeroing it changes nothing
-    else. One float32 sum per tensor decides; the copies are made only when something is not finite.
+    else. Only the columns some batch element masks are read for the check (for left-padded decoding,
+    the padding), and the copies are made only when something there is not finite.
     """
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    if bool(torch.isfinite(torch.stack([t.detach().sum(dtype=acc) for t in (q, k, v)])).all()):
+    mixed = (~keep.all(0)).view(-1).nonzero()  # columns masked for some batch element
+    no_key = ~keep.any(-1, keepdim=True)  # (B, 1, 1, 1): batch elements that see no key at all
+    parts = [q[no_key.view(-1)]] if bool(no_key.any()) else []
+    if len(mixed):
+        c0, c1 = int(mixed[0]), int(mixed[-1]) + 1
+        parts += [k[:, :, c0:c1], v[:, :, c0:c1]]
+    if not parts or bool(torch.isfinite(torch.stack([t.detach().sum(dtype=acc) for t in parts])).all()):
         return q, k, v
     gone = ~keep.transpose(-1, -2)  # (B, 1, Sk, 1)
-    no_key = ~keep.any(-1, keepdim=True)  # (B, 1, 1, 1)
     return q.masked_fill(no_key, 0.0), k.masked_fill(gone, 0.0), v.masked_fill(gone, 0.0)
 
 
