@@ -460,12 +460,32 @@ class prefix_lm(Mask):
 
 
 def _set_lengths(mask: Mask, attr: str, label: str) -> None:
-    """Store a (B,) int tensor field and its min/max as Python ints (one host sync, at construction)."""
-    t = _int_tensor(label, getattr(mask, attr))
-    object.__setattr__(mask, attr, t)
-    known = t.numel() > 0 and t.device.type != "meta"
-    object.__setattr__(mask, "_min", int(t.min()) if known else 0)
-    object.__setattr__(mask, "_max", int(t.max()) if known else (2**62 if t.numel() else 0))
+    """Store a (B,) int tensor field; its min/max (Python ints) are read once, when first needed."""
+    object.__setattr__(mask, attr, _int_tensor(label, getattr(mask, attr)))
+
+
+class _Lengths(Mask):
+    """Per-batch lengths: the tensor's min and max as Python ints, read once (one host sync) when a
+    classification first needs them, not at construction (so masks can be built inside torch.compile)."""
+
+    _lengths_field: str
+
+    def _bounds(self) -> tuple[int, int]:
+        cached = self.__dict__.get("_bounds_cache")
+        if cached is None:
+            t = getattr(self, self._lengths_field)
+            known = t.numel() > 0 and t.device.type != "meta"
+            cached = (int(t.min()), int(t.max())) if known else (0, 2**62 if t.numel() else 0)
+            object.__setattr__(self, "_bounds_cache", cached)
+        return cached
+
+    @property
+    def _min(self) -> int:
+        return self._bounds()[0]
+
+    @property
+    def _max(self) -> int:
+        return self._bounds()[1]
 
 
 def _length_problems(mask: Mask, attr: str, label: str, ctx: MaskContext) -> list[str]:
@@ -481,14 +501,14 @@ def _length_problems(mask: Mask, attr: str, label: str, ctx: MaskContext) -> lis
 
 
 @dataclass(frozen=True, eq=False)
-class padding(Mask):
+class padding(_Lengths):
     """Key padding: keep j < kv_lengths[b] (kv_lengths: (B,) ints, 0 <= length <= Sk)."""
 
     kv_lengths: Tensor
     key_only = True
+    _lengths_field = "kv_lengths"
 
     def __post_init__(self):
-        # Python ints for tile classification, so it never touches the tensor again.
         _set_lengths(self, "kv_lengths", "padding kv_lengths")
 
     def keep(self, b, h, i, j, ctx):
@@ -510,11 +530,12 @@ class padding(Mask):
 
 
 @dataclass(frozen=True, eq=False)
-class left_padding(Mask):
+class left_padding(_Lengths):
     """Left padding (batched generation): keep j >= pad_lengths[b] (pad_lengths: (B,) ints in [0, Sk])."""
 
     pad_lengths: Tensor
     key_only = True
+    _lengths_field = "pad_lengths"
 
     def __post_init__(self):
         _set_lengths(self, "pad_lengths", "left_padding pad_lengths")
