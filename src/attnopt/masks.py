@@ -577,21 +577,43 @@ class document(Mask):
                 continue
             if not isinstance(value, (Tensor, list, tuple)):
                 raise TypeError(f"document {name} must be a 1-D int tensor or a list of ints, got {value!r}")
-            t = _int_tensor(f"document {name}", value)
+            object.__setattr__(self, name, _int_tensor(f"document {name}", value))
+        if not torch.compiler.is_compiling():  # while tracing, the values are checked when the op runs
+            self._lists()
+
+    def _lists(self) -> tuple[list[int], list[int]]:
+        """cu_seqlens and cu_seqlens_k as Python lists (read once, checked), for tile classification."""
+        cached = self.__dict__.get("_lists_cache")
+        if cached is not None:
+            return cached
+        out = []
+        for name in ("cu_seqlens", "cu_seqlens_k"):
+            t = getattr(self, name)
+            if t is None:
+                out.append(out[0])
+                continue
             lst = t.tolist()
             if not lst or lst[0] != 0:
                 raise ValueError(f"document {name}={lst} must start at 0")
             if any(b < a for a, b in itertools.pairwise(lst)):
                 raise ValueError(f"document {name}={lst} must be non-decreasing")
-            object.__setattr__(self, name, t)
-            object.__setattr__(self, f"_{name}", lst)
-        ck = self._cu_seqlens_k if self.cu_seqlens_k is not None else self._cu_seqlens
-        if len(ck) != len(self._cu_seqlens):
+            out.append(lst)
+        if len(out[1]) != len(out[0]):
             raise ValueError(
-                f"document cu_seqlens ({len(self._cu_seqlens) - 1} documents) and cu_seqlens_k "
-                f"({len(ck) - 1} documents) must describe the same number of documents"
+                f"document cu_seqlens ({len(out[0]) - 1} documents) and cu_seqlens_k "
+                f"({len(out[1]) - 1} documents) must describe the same number of documents"
             )
-        object.__setattr__(self, "_cu_k", ck)
+        cached = (out[0], out[1])
+        object.__setattr__(self, "_lists_cache", cached)
+        return cached
+
+    @property
+    def _cu_seqlens(self) -> list[int]:
+        return self._lists()[0]
+
+    @property
+    def _cu_k(self) -> list[int]:
+        return self._lists()[1]
 
     def keep(self, b, h, i, j, ctx):
         # Document of position x: the d with cu[d] <= x < cu[d + 1] (empty documents are never chosen).

@@ -91,6 +91,18 @@ def mask_interface(
         from transformers.masking_utils import causal_mask_function
 
         mask_function = causal_mask_function
+    if torch.compiler.is_compiling():
+        return _traced_mask(
+            batch_size,
+            q_length,
+            kv_length,
+            q_offset,
+            kv_offset,
+            mask_function,
+            attention_mask,
+            use_vmap,
+            kwargs,
+        )
     return hf_mask_to_attnopt(
         batch_size,
         q_length,
@@ -131,6 +143,61 @@ def hf_mask_to_attnopt(
     if pad is None:
         return rule
     return pad if isinstance(rule, _Full) else rule & pad
+
+
+def _traced_mask(
+    B: int,
+    Sq: int,
+    Sk: int,
+    q_offset: Any,
+    kv_offset: Any,
+    fn: Callable,
+    attention_mask: Tensor | None,
+    use_vmap: bool,
+    kwargs: dict[str, Any],
+) -> M.Mask | _Full | Tensor:
+    """The mask function while torch.compile traces a model: nothing may read data or closures.
+
+    Rules built inside the traced region cannot be inspected (dynamo cannot read a closure's cells),
+    and the padding mask's values are unknown while tracing. So the plain causal / bidirectional rules
+    become descriptors, the padding a (B, 1, 1, Sk) keep-row, and any other rule transformers' own
+    traceable dense mask (O(Sq·Sk), as with sdpa).
+    """
+    from transformers import masking_utils as mu
+
+    if fn is mu.causal_mask_function or fn is mu.bidirectional_mask_function:
+        causal = fn is mu.causal_mask_function
+        if (
+            causal
+            and isinstance(q_offset, (int, torch.SymInt))
+            and isinstance(kv_offset, (int, torch.SymInt))
+        ):
+            causal = Sq > 1 and q_offset - kv_offset == Sk - Sq  # a bottom-right aligned query block
+        elif causal:
+            causal = None  # offsets only known at run time: transformers' dense mask below
+        if causal is not None:
+            rule: M.Mask | None = M.causal() if causal else None
+            if attention_mask is None:
+                return FULL if rule is None else rule
+            pm = attention_mask.to(torch.bool)
+            need = kv_offset + Sk
+            if pm.shape[1] < need:
+                pm = torch.nn.functional.pad(pm, (0, need - pm.shape[1]))
+            row = M.dense(pm[:, None, None, kv_offset:need])  # (B, 1, 1, Sk): O(B·Sk)
+            return row if rule is None else rule & row
+    dense = mu.sdpa_mask(
+        batch_size=B,
+        q_length=Sq,
+        kv_length=Sk,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=fn,
+        attention_mask=None if attention_mask is None else attention_mask.to(torch.bool),
+        allow_is_causal_skip=False,
+        use_vmap=use_vmap,
+        device=kwargs.get("device", "cpu"),
+    )
+    return FULL if dense is None else dense
 
 
 def _closure(fn: Callable) -> dict[str, Any]:
