@@ -96,8 +96,10 @@ def attention(
 
     Args:
         q: (B, Hq, Sq, D) queries; k: (B, Hkv, Sk, D) keys; v: (B, Hkv, Sk, Dv) values. Any strides
-            (non-contiguous and expanded tensors are fine); one floating dtype and one device for all
-            three; Hq % Hkv == 0 (grouped-query attention: query head h uses kv head h // (Hq // Hkv)).
+            (transposed, expanded, self-overlapping: a tensor is copied only where a fused kernel would
+            misread it); one dtype (float16, bfloat16, float32, float64) and one device for all three;
+            Hq % Hkv == 0 (grouped-query attention: query head h uses kv head h // (Hq // Hkv)).
+            B, H, Sq and Sk may be 0 (empty or zero outputs, as SDPA); head dims must be >= 1.
         mask: an ``attnopt.masks`` descriptor (compose with ``&`` / ``|``); a bool tensor broadcastable
             to (B, Hq, Sq, Sk) (True = keep, as SDPA) or a FlexAttention-style ``mask_mod(b, h, i, j)``
             are accepted too. Positional masks align the last query with the last key (bottom-right,
@@ -116,43 +118,33 @@ def attention(
 
     Returns:
         out (B, Hq, Sq, Dv) in the input dtype, or (out, lse) with return_lse=True. Scores and softmax
-        are computed in float32 (float64 for float64 inputs). A row whose keys are all masked gives
-        out = 0 exactly, lse = -inf and zero gradients, never NaN.
+        are computed in float32 (float64 for float64 inputs); additive biases are added in that
+        precision too. A row whose keys are all masked gives out = 0 exactly, lse = -inf and zero
+        gradients, never NaN. Masked-out entries contribute exactly nothing, even when q, k or v hold
+        NaN/inf there (an uninitialized KV cache); a row that keeps a NaN/inf entry comes out NaN.
+        Under torch.autocast, q, k and v are cast to the autocast dtype first (as SDPA does), whatever
+        the backend. Under torch.compile the call is one custom operator (``attnopt::attention``).
 
     Raises:
         TypeError / ValueError: invalid input, before any compute, naming the argument and the value.
         NotImplementedError: a pinned backend cannot run these inputs (the message lists why).
     """
+    kwargs = {
+        "mask": mask,
+        "score_mod": score_mod,
+        "similarity": similarity,
+        "scale": scale,
+        "sinks": sinks,
+        "dropout_p": dropout_p,
+        "return_lse": return_lse,
+        "backend": backend,
+    }
     amp = _autocast_dtype(q, k, v)
     if amp is not None:  # like F.scaled_dot_product_attention: run in the autocast dtype, whatever backend
         with torch.autocast(q.device.type, enabled=False):
-            return attention(
-                q.to(amp),
-                k.to(amp),
-                v.to(amp),
-                mask=mask,
-                score_mod=score_mod,
-                similarity=similarity,
-                scale=scale,
-                sinks=sinks,
-                dropout_p=dropout_p,
-                return_lse=return_lse,
-                backend=backend,
-            )
+            return attention(q.to(amp), k.to(amp), v.to(amp), **kwargs)
     if torch.compiler.is_compiling():  # one opaque operator in the graph; this dispatch runs inside it
-        return _op.compiled_attention(
-            q,
-            k,
-            v,
-            mask=mask,
-            score_mod=score_mod,
-            similarity=similarity,
-            scale=scale,
-            sinks=sinks,
-            dropout_p=dropout_p,
-            return_lse=return_lse,
-            backend=backend,
-        )
+        return _op.compiled_attention(q, k, v, **kwargs)
     key = _plain_key(q, k, v, mask, score_mod, sinks, similarity, scale, dropout_p, return_lse, backend)
     hit = _PLAIN.get(key) if key is not None else None
     if hit is not None:  # seen before: same metadata, so validation and selection give the same answer
@@ -199,20 +191,10 @@ def explain(
     """
     amp = _autocast_dtype(q, k, v)
     if amp is not None:
+        kwargs = {"mask": mask, "score_mod": score_mod, "similarity": similarity, "scale": scale}
+        kwargs |= {"sinks": sinks, "dropout_p": dropout_p, "return_lse": return_lse, "backend": backend}
         with torch.autocast(q.device.type, enabled=False):
-            text = explain(
-                q.to(amp),
-                k.to(amp),
-                v.to(amp),
-                mask=mask,
-                score_mod=score_mod,
-                similarity=similarity,
-                scale=scale,
-                sinks=sinks,
-                dropout_p=dropout_p,
-                return_lse=return_lse,
-                backend=backend,
-            )
+            text = explain(q.to(amp), k.to(amp), v.to(amp), **kwargs)
         return f"under torch.autocast: q, k, v are cast to {amp} (as F.scaled_dot_product_attention)\n{text}"
     inputs = _validate(q, k, v, mask, score_mod, similarity, scale, sinks, dropout_p, return_lse, backend)
     lines = [f"attnopt.attention({inputs.describe()})"]

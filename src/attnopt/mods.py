@@ -15,16 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .masks import (
-    FLOAT_DTYPES,
-    Align,
-    MaskContext,
-    _check_align,
-    broadcast_problems,
-    elementwise_call,
-    gather_tile,
-    probe_elementwise,
-)
+from ._elementwise import elementwise_call, probe_elementwise
+from .masks import FLOAT_DTYPES, Align, MaskContext, _check_align, broadcast_problems, gather_tile
 
 __all__ = ["ScoreMod", "alibi", "alibi_slopes", "bias", "custom", "softcap"]
 
