@@ -161,6 +161,10 @@ class Mask:
         """Keys [lo, hi) outside which queries [q0, q1) keep nothing (a bound; may be loose)."""
         return 0, ctx.Sk
 
+    def full_key_range(self, ctx: MaskContext) -> tuple[int, int]:
+        """Keys [a, b) that every query of every batch element keeps (a bound; may be empty)."""
+        return 0, 0
+
     def check(self, ctx: MaskContext) -> list[str]:
         """Shape-dependent problems for this problem size (empty list = fine)."""
         return []
@@ -215,6 +219,11 @@ class And(Mask):
         lo, hi = max(a0, b0), min(a1, b1)
         return (lo, hi) if lo < hi else (0, 0)
 
+    def full_key_range(self, ctx):
+        (a0, a1), (b0, b1) = self.a.full_key_range(ctx), self.b.full_key_range(ctx)
+        lo, hi = max(a0, b0), min(a1, b1)
+        return (lo, hi) if lo < hi else (0, 0)
+
     def check(self, ctx):
         return self.a.check(ctx) + self.b.check(ctx)
 
@@ -255,6 +264,12 @@ class Or(Mask):
     def key_range(self, q0, q1, ctx):
         ranges = [r for r in (self.a.key_range(q0, q1, ctx), self.b.key_range(q0, q1, ctx)) if r[0] < r[1]]
         return (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else (0, 0)
+
+    def full_key_range(self, ctx):
+        (a0, a1), (b0, b1) = self.a.full_key_range(ctx), self.b.full_key_range(ctx)
+        if a0 < a1 and b0 < b1 and max(a0, b0) <= min(a1, b1):  # overlapping or touching: their union
+            return min(a0, b0), max(a1, b1)
+        return max((a0, a1), (b0, b1), key=lambda r: r[1] - r[0])
 
     def check(self, ctx):
         return self.a.check(ctx) + self.b.check(ctx)
@@ -422,6 +437,9 @@ class padding(_Lengths):
     def key_range(self, q0, q1, ctx):
         return _clip(0, self._max, ctx)
 
+    def full_key_range(self, ctx):
+        return _clip(0, self._min, ctx)
+
     def check(self, ctx):
         return _length_problems(self, "kv_lengths", "padding kv_lengths", ctx)
 
@@ -450,6 +468,9 @@ class left_padding(_Lengths):
 
     def key_range(self, q0, q1, ctx):
         return _clip(self._min, ctx.Sk, ctx)
+
+    def full_key_range(self, ctx):
+        return _clip(self._max, ctx.Sk, ctx)
 
     def check(self, ctx):
         return _length_problems(self, "pad_lengths", "left_padding pad_lengths", ctx)

@@ -81,7 +81,11 @@ class SdpaBackend(Backend):
             k, v = k[:, :, lo:hi], v[:, :, lo:hi]  # keys no row keeps are never read
             attn_mask = m.tile(0, 1, lo, hi, inputs.ctx)  # (B, 1, 1, Sk'): the same for every query
             if not inputs.mods:
-                q, k, v = _clean_key_only(q, k, v, attn_mask, inputs.dtype)
+                a, b = m.full_key_range(inputs.ctx)  # keys every batch element keeps
+                a, b = min(max(a, lo), hi), max(min(b, hi), lo)
+                mixed = [(0, a - lo), (b - lo, hi - lo)] if a < b else [(0, hi - lo)]
+                mixed = [(c0, c1) for c0, c1 in mixed if c0 < c1]  # in the sliced key coordinates
+                q, k, v = _clean_key_only(q, k, v, attn_mask, mixed, inputs.dtype)
         elif kind == "dense":
             assert isinstance(m, dense)
             attn_mask = as_4d(m.mask)
@@ -127,24 +131,25 @@ class SdpaBackend(Backend):
         return out, None
 
 
-def _clean_key_only(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
+def _clean_key_only(
+    q: Tensor, k: Tensor, v: Tensor, keep: Tensor, mixed: list[tuple[int, int]], dtype: torch.dtype
+) -> tuple[Tensor, ...]:
     """Zero masked-out keys/values (and the queries of batch elements with no key) if any of them is
     NaN/inf: the kernel weighs masked-out values by 0, and 0·NaN = NaN. keep: (B, 1, 1, Sk) bool.
 
     A key-only mask masks a key for every query of its batch element, so zeroing it changes nothing
-    else. Only the columns some batch element masks are read for the check (for left-padded decoding,
-    the padding), and the copies are made only when something there is not finite.
+    else. Only q and the key columns some batch element masks (`mixed`, from the mask's own bounds:
+    for left-padded decoding, the padding) are read for the check, with one host sync; the copies
+    are made only when something there is not finite.
     """
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    mixed = (~keep.all(0)).view(-1).nonzero()  # columns masked for some batch element
-    no_key = ~keep.any(-1, keepdim=True)  # (B, 1, 1, 1): batch elements that see no key at all
-    parts = [q[no_key.view(-1)]] if bool(no_key.any()) else []
-    if len(mixed):
-        c0, c1 = int(mixed[0]), int(mixed[-1]) + 1
-        parts += [k[:, :, c0:c1], v[:, :, c0:c1]]
-    if not parts or bool(torch.isfinite(torch.stack([t.detach().sum(dtype=acc) for t in parts])).all()):
+    total = q.detach().sum(dtype=acc)  # NaN or inf anywhere makes the total NaN or inf
+    for c0, c1 in mixed:
+        total = total + k.detach()[:, :, c0:c1].sum(dtype=acc) + v.detach()[:, :, c0:c1].sum(dtype=acc)
+    if bool(total.isfinite()):
         return q, k, v
     gone = ~keep.transpose(-1, -2)  # (B, 1, Sk, 1)
+    no_key = ~keep.any(-1, keepdim=True)  # (B, 1, 1, 1): batch elements that see no key at all
     return q.masked_fill(no_key, 0.0), k.masked_fill(gone, 0.0), v.masked_fill(gone, 0.0)
 
 
