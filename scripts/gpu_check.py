@@ -5,7 +5,9 @@ CI has no GPU; this script is what a session with a lent GPU runs. It checks, on
    tolerance rule (tests/_oracle.py), forward and gradients, fp32 / bf16 / fp16, for the variants;
 2. the transformers drop-in on small randomly initialised LLaMA (GQA) and BERT models: logits / hidden
    states equal to sdpa / eager on padded batches, greedy generation token-identical, packed sequences;
-3. a few timings against torch SDPA (for the record; benchmarks are not tests).
+3. issue #8's reliability classes: odd strides, masked-out NaN/inf, bf16 bias precision, empty inputs,
+   torch.compile(fullgraph=True) of MultiHeadAttention;
+4. a few timings against torch SDPA (for the record; benchmarks are not tests).
 Writes a JSON summary to OUT_DIR/gpu_check.json and exits 1 if any check failed.
 """
 
@@ -95,7 +97,9 @@ def attention_checks() -> None:
                             out = ao.attention(q, k, v, **kw, backend=backend)
                         except NotImplementedError:
                             return "pinned backend declines (ok)"
-                        do = torch.randn_like(out)
+                        do = torch.randn(out.shape, device=DEV, generator=g).to(
+                            out.dtype
+                        )  # seeded: a fixed check
                         gq, gk, gv = torch.autograd.grad(out, (q, k, v), do)
                         leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
                         sinks64 = kw["sinks"].double() if "sinks" in kw else None
@@ -122,6 +126,77 @@ def attention_checks() -> None:
                         return chosen.name
 
                     check(name, run)
+
+
+def reliability_checks() -> None:
+    """Issue #8's classes on the device: strides, masked-out NaN, bias precision, empty inputs, compile."""
+    g = torch.Generator(device=DEV).manual_seed(0)
+
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(*shape, device=DEV, generator=g).to(dtype)
+
+    def strides(backend):
+        q, k, v = (randn(1, 8, 64, 300).transpose(-1, -2) for _ in range(3))  # last-dim stride 300
+        kw = {"mask": ao.sliding_window(31), "backend": backend}
+        got = ao.attention(q, k, v, **kw)
+        want = ao.attention(q.contiguous(), k.contiguous(), v.contiguous(), **kw)
+        assert torch.equal(got, want), float((got - want).abs().max())
+        qo = randn(9000).as_strided((2, 3, 45, 16), (1, 16, 192, 1), 97)  # self-overlapping
+        k2, v2 = randn(2, 3, 45, 16), randn(2, 3, 45, 16)
+        got = ao.attention(qo, k2, v2, mask=ao.causal(), backend=backend)
+        assert torch.equal(got, ao.attention(qo.contiguous(), k2, v2, mask=ao.causal(), backend=backend))
+
+    def masked_nan(dtype, backend):
+        q, k, v = (
+            randn(2, 8, 1, 64, dtype=dtype),
+            randn(2, 2, 300, 64, dtype=dtype),
+            randn(2, 2, 300, 64, dtype=dtype),
+        )
+        lengths = torch.tensor([300, 170], device=DEV)
+        clean = ao.attention(q, k, v, mask=ao.padding(lengths), backend=backend)
+        k[1, :, 170:] = float("nan")
+        v[1, :, 170:] = float("inf")
+        dirty = ao.attention(q, k, v, mask=ao.padding(lengths), backend=backend)
+        assert torch.equal(clean, dirty), "masked-out NaN/inf changed the result"
+
+    def bloom_bias(backend):
+        H, S = 8, 1024
+        q, k, v = randn(1, H, 64, 64), randn(1, H, S, 64), randn(1, H, S, 64)
+        bias = mods.alibi_slopes(H).to(DEV).view(1, H, 1, 1) * torch.arange(S, device=DEV).view(1, 1, 1, S)
+        kw = {"mask": ao.causal(), "score_mod": mods.bias(bias)}
+        got = ao.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), **kw, backend=backend)
+        ref = ao.attention(
+            *(t.bfloat16().double() for t in (q, k, v)),
+            mask=ao.causal(),
+            score_mod=mods.bias(bias.double()),
+            backend="reference",
+        )
+        err = float((got.double() - ref).abs().max())
+        assert err < 0.05, f"max error {err:.3g} (rounding the bias to bf16 gave ~4)"
+        return round(err, 4)
+
+    def empty():
+        out = ao.attention(randn(2, 4, 3, 16), randn(2, 2, 0, 16), randn(2, 2, 0, 16))
+        assert out.shape == (2, 4, 3, 16) and bool((out == 0).all())
+
+    def compiled():
+        layer = ao.MultiHeadAttention(64, 4, num_kv_heads=2).to(DEV)
+        x = randn(2, 12, 64)
+        torch._dynamo.reset()
+        cf = torch.compile(lambda x: layer(x, mask=ao.causal()), fullgraph=True)
+        got, want = cf(x), layer(x, mask=ao.causal())
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        got.sum().backward()
+
+    for backend in ("auto", "sdpa", "blockwise"):
+        check(f"strides backend={backend}", lambda b=backend: strides(b))
+        check(f"bf16 BLOOM-style bias backend={backend}", lambda b=backend: bloom_bias(b))
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            check(
+                f"masked-out NaN/inf {dtype} backend={backend}", lambda d=dtype, b=backend: masked_nan(d, b)
+            )
+    check("empty Sk=0", empty)
+    check("torch.compile fullgraph MultiHeadAttention", compiled)
 
 
 def hf_checks() -> None:
@@ -263,6 +338,7 @@ def main() -> int:
         print("no CUDA device: nothing to check (ATTNOPT_CHECK_DEVICE=cpu for a dry run)")
         return 2
     attention_checks()
+    reliability_checks()
     try:
         import transformers
 
