@@ -48,3 +48,23 @@ def test_huggingface_and_layer_snippet_runs_as_written():
     assert scope["hidden"].shape[-1] == 384 and bool(scope["hidden"].isfinite().all())
     assert scope["y"].shape == (2, 16, 384)
     assert scope["mha"].num_heads == 12 and scope["mha"].head_dim == 32
+
+
+def test_explain_examples_say_what_the_readme_shows():
+    import torch
+
+    import attnopt as ao
+
+    text = README.read_text()
+    assert "q copied to a contiguous layout\n             (last-dim stride 4096 != 1)" in text
+    q, k, v = (torch.randn(1, 8, 64, 4096).transpose(-1, -2) for _ in range(3))
+    first = ao.explain(q, k, v, mask=ao.sliding_window(255))
+    assert (
+        "-> runs on 'span'" in first
+        and "q copied to a contiguous layout (last-dim stride 4096 != 1)" in first
+    )
+    assert "32 kernel calls (32 with an edge mask), 9.1% of the (Sq, Sk) scores computed" in first
+    k[:, :, :8] = float("nan")
+    second = ao.explain(q, k, v, mask=ao.sliding_window(16))
+    assert "-> runs on 'blockwise'" in second
+    assert "sdpa       cannot run: q, k or v hold NaN/inf and the mask hides some scores" in second
