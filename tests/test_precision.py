@@ -166,3 +166,15 @@ def test_huge_scores_explain_says_why_fused_refuse():
         "scores reach 7.09e+10 > 2048" in text
         and "blockwise keeps the row max and the normalizer apart" in text
     )
+
+
+def test_common_additive_masks_keep_the_fused_kernels():
+    """The score bound follows the row maxima, not the largest |bias|: an additive padding mask with
+    finfo.min entries (each row keeps some 0 entry) and ALiBi with a causal mask stay on span."""
+    q, k, v = (t.requires_grad_(True) for t in _qkv(2, 4, 4, 700, 700, 16, torch.float32))
+    pad = torch.zeros(2, 1, 1, 700)
+    pad[1, ..., 500:] = torch.finfo(torch.float32).min
+    text = ao.explain(q, k, v, mask=ao.sliding_window(64), score_mod=am.bias(pad))
+    assert "-> runs on 'span'" in text, text
+    text = ao.explain(q, k, v, mask=ao.causal(), score_mod=am.alibi(am.alibi_slopes(4)))
+    assert "-> runs on 'span'" in text, text

@@ -125,7 +125,7 @@ class AttentionInputs:
 
     @functools.cached_property
     def score_bound(self) -> float:
-        """An upper bound on |score| of any kept entry (data-dependent: norms of q and k, bias maxima).
+        """A bound on |row max| of the scores, the size of the LSE (norms of q and k, bias row maxima).
 
         Used by the fused kernels, whose float32 LSE cannot carry a backward at huge scores (see
         backends._base.FUSED_SCORE_LIMIT).
@@ -138,11 +138,20 @@ class AttentionInputs:
         else:
             bound = self.scale * (qn * kn if self.similarity == "dot" else (qn + kn) ** 2)
         for mod in self.mods:
-            if isinstance(mod, Mods.bias):
-                b = mod.bias.detach().abs()
-                bound += float(b.masked_fill(torch.isinf(b), 0).amax()) if b.numel() else 0.0
+            if isinstance(mod, Mods.bias) and mod.bias.numel():
+                # The row max moves by at most the largest bias up, and down by at most the lowest of
+                # the rows' largest finite bias (an additive padding mask with finfo.min entries keeps
+                # 0 somewhere in each row: no move; a row that is finfo.min throughout: a huge one).
+                b = mod.bias.detach().to(torch.float64)
+                b = torch.where(torch.isfinite(b), b, -math.inf)
+                row_max = b.amax(-1)
+                row_max = row_max[row_max > -math.inf]
+                if row_max.numel():
+                    bound += max(float(row_max.amax()), -float(row_max.amin()), 0.0)
             elif isinstance(mod, Mods.alibi):
-                bound += float(mod.slopes.detach().abs().amax()) * (self.Sq + self.Sk)
+                # ALiBi only lowers scores, by slope * distance; the key nearest a query's position is
+                # at distance max(0, Sq - Sk) (masks that hide it are not accounted for).
+                bound += float(mod.slopes.detach().abs().amax()) * max(0, self.Sq - self.Sk)
             elif isinstance(mod, Mods.softcap):
                 bound = min(bound, mod.cap)
             else:

@@ -185,18 +185,7 @@ def _traced_mask(
                 pm = torch.nn.functional.pad(pm, (0, need - pm.shape[1]))
             row = M.dense(pm[:, None, None, kv_offset:need])  # (B, 1, 1, Sk): O(B·Sk)
             return row if rule is None else rule & row
-    dense = mu.sdpa_mask(
-        batch_size=B,
-        q_length=Sq,
-        kv_length=Sk,
-        q_offset=q_offset,
-        kv_offset=kv_offset,
-        mask_function=fn,
-        attention_mask=None if attention_mask is None else attention_mask.to(torch.bool),
-        allow_is_causal_skip=False,
-        use_vmap=use_vmap,
-        device=kwargs.get("device", "cpu"),
-    )
+    dense = _hf_dense(B, Sq, Sk, q_offset, kv_offset, fn, attention_mask, use_vmap, kwargs.get("device"))
     return FULL if dense is None else dense
 
 
@@ -316,9 +305,13 @@ def _offset_rule(fn: Callable, q_offset: int, kv_offset: int) -> Callable:
     return rule
 
 
-def _hf_dense(B, Sq, Sk, q_offset, kv_offset, fn, attention_mask) -> Tensor:
+def _hf_dense(B, Sq, Sk, q_offset, kv_offset, fn, attention_mask, use_vmap=True, device=None) -> Tensor:
+    """transformers' own (B, 1, Sq, Sk) bool mask for a rule (traceable by torch.compile)."""
     from transformers.masking_utils import sdpa_mask
 
+    device = (
+        device if device is not None else (attention_mask.device if attention_mask is not None else "cpu")
+    )
     return sdpa_mask(
         batch_size=B,
         q_length=Sq,
@@ -328,7 +321,8 @@ def _hf_dense(B, Sq, Sk, q_offset, kv_offset, fn, attention_mask) -> Tensor:
         mask_function=fn,
         attention_mask=None if attention_mask is None else attention_mask.to(torch.bool),
         allow_is_causal_skip=False,
-        use_vmap=True,
+        use_vmap=use_vmap,
+        device=device,
     )
 
 
