@@ -102,16 +102,16 @@ class AttentionInputs:
     def _scan(self) -> tuple[bool, float, float]:
         """One read of q, k and v (a host sync): (any NaN/inf, max row norm of q, of k).
 
-        Row norms of q and k turn NaN/inf into NaN/inf (so do the float32 sum of v, and an overflow,
-        which only costs speed); the norms bound the scores. Non-finite entries count as 0 in the
-        norms: masked out they never score, kept they make their row NaN whatever the bound says.
+        Row norms of q and k turn NaN/inf into NaN/inf (so does the sum of v, and an overflow, which
+        only costs speed); the norms bound the scores. Non-finite entries count as 0 in the norms:
+        masked out they never score, kept they make their row NaN whatever the bound says.
         """
-        acc = torch.float64 if self.dtype == torch.float64 else torch.float32
+        acc = scan_dtype(self.dtype)
 
         def max_norm(t: Tensor) -> Tensor:
-            return torch.linalg.vector_norm(t.detach(), dim=-1, dtype=acc).amax()
+            return torch.linalg.vector_norm(t.detach(), dim=-1, dtype=acc).amax().double()
 
-        stats = torch.stack([max_norm(self.q), max_norm(self.k), self.v.detach().sum(dtype=acc)])
+        stats = torch.stack([max_norm(self.q), max_norm(self.k), self.v.detach().sum(dtype=acc).double()])
         qn, kn, vs = stats.tolist()
         bad = not all(math.isfinite(x) for x in (qn, kn, vs))
         if bad:
@@ -190,6 +190,12 @@ class AttentionInputs:
         if self.return_lse:
             parts.append("return_lse=True")
         return ", ".join(parts)
+
+
+def scan_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype data checks reduce in: the input's own (bf16 has float32's range, and reducing it
+    natively is 2-6x faster than converting), float32 for float16 (whose sums overflow at 65504)."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def kernel_layout_problem(t: Tensor) -> str | None:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._inputs import AttentionInputs
+from .._inputs import AttentionInputs, scan_dtype
 from ..masks import as_4d, causal, dense
 from ..mods import bias
 from ._base import Backend, fused_data_reasons, unit_qk
@@ -142,7 +142,7 @@ def _clean_key_only(
     for left-padded decoding, the padding) are read for the check, with one host sync; the copies
     are made only when something there is not finite.
     """
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = scan_dtype(dtype)
     total = q.detach().sum(dtype=acc)  # NaN or inf anywhere makes the total NaN or inf
     for c0, c1 in mixed:
         total = total + k.detach()[:, :, c0:c1].sum(dtype=acc) + v.detach()[:, :, c0:c1].sum(dtype=acc)
