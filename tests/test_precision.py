@@ -178,3 +178,11 @@ def test_common_additive_masks_keep_the_fused_kernels():
     assert "-> runs on 'span'" in text, text
     text = ao.explain(q, k, v, mask=ao.causal(), score_mod=am.alibi(am.alibi_slopes(4)))
     assert "-> runs on 'span'" in text, text
+
+
+def test_the_decode_signature_cache_never_skips_the_data_check():
+    """Same shapes, gradients on: a second call with huge scores must not reuse the first call's sdpa."""
+    q, k, v = (t.requires_grad_(True) for t in _qkv(1, 2, 2, 40, 40, 16, torch.float32))
+    ao.attention(q, k, v).sum().backward()
+    huge = [torch.full_like(t, 133120.0).requires_grad_(True) for t in (q, k)] + [v]
+    _check("auto", huge, {})
