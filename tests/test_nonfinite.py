@@ -20,7 +20,7 @@ from torch import Tensor
 import attnopt as ao
 from attnopt import mods as am
 from attnopt.masks import tile_indices
-from tests._oracle import DTYPE_NAMES
+from tests._oracle import DTYPE_NAMES, assert_close, oracle
 
 BACKENDS = ("auto", "sdpa", "span", "blockwise", "reference")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -208,6 +208,11 @@ def test_masked_out_garbage_changes_nothing(case, dtype, garbage, backend):
     masked_for_all = bad_k & ~keys_of_hit.view(B, Hkv, G, Sk).any(2)  # garbage keys no row keeps
     masked_for_all &= ~(keep.view(B, Hkv, G, Sq, Sk).any((2, 3)))
     assert (dk[masked_for_all] == 0).all() and (dv[masked_for_all] == 0).all()
+    # and the rows that never keep garbage are right: the float64 oracle on clean data, the tolerance rule
+    ref, _ = oracle([t.double() for t in clean], kwargs)
+    plain, _ = oracle(clean, kwargs, compute_dtype=dtype)
+    magnitude = float(v.double().abs().max())
+    assert_close("out", got_out[~hit], plain[~hit], ref[~hit], 2, magnitude=magnitude, n_sum=D + Sk * G)
 
 
 @pytest.mark.parametrize("case", ["window_edge_key", "document_other_doc", "causal_future_key", "dense_mask"])
