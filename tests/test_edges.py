@@ -286,3 +286,51 @@ def test_backward_under_autocast_keeps_float32_math():
         got = torch.autograd.grad(out.sum(), (q, k, v))
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [lambda s, b, h, i, j: s.cummax(-1).values, lambda s, b, h, i, j: s.sort(-1).values],
+    ids=["cummax", "sort"],
+)
+def test_row_reductions_that_are_the_identity_on_sorted_rows_are_caught(fn):
+    """For one scalar score (FlexAttention's semantics) these are the identity; on a whole tile they
+    reorder the row. The probe's scores are in no order, so they are caught and run through vmap."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, n, 4, generator=g, dtype=torch.float64) for n in (3, 5, 5))
+    want = torch.softmax(q @ k.transpose(-1, -2) / 2, -1) @ v
+    torch.testing.assert_close(ao.attention(q, k, v, score_mod=fn), want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("make", "pattern"),
+    [
+        (
+            lambda: ao.sliding_window(2**64),
+            r"sliding_window left=\d+ is too large; allowed: an int below 2\*\*62",
+        ),
+        (lambda: ao.prefix_lm(2**64), r"prefix_lm prefix_len=\d+ is too large"),
+    ],
+)
+def test_huge_python_ints_are_value_errors(make, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        make()
+
+
+def test_unrepresentable_scale_and_infinite_sinks_are_value_errors(no_compute):
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises(ValueError, match=r"must be finite and > 0"):
+        ao.attention(q, q, q, scale=10**400)
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=r"sinks hold NaN or \+inf at heads \[0\]"):
+            ao.attention(q, q, q, sinks=torch.tensor([bad, 0.0]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_minus_inf_sink_is_no_sink(backend):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 8, generator=g) for _ in range(3))
+    got = ao.attention(
+        q, k, v, sinks=torch.full((2,), float("-inf")), backend="auto" if backend == "sdpa" else backend
+    )
+    torch.testing.assert_close(got, ao.attention(q, k, v, backend="reference"), rtol=1e-5, atol=1e-6)

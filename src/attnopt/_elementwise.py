@@ -58,7 +58,9 @@ def probe_elementwise(
     args: list[Tensor] = list(idx)
     if score:  # distinct scores, so a function that mixes elements shows
         n = shape.numel()
-        args.insert(0, (torch.arange(n, dtype=torch.float32, device=ctx.device) * 0.25 - 1.0).view(shape))
+        # distinct and in no order along any dim (a cummax / sort over a row must show)
+        vals = torch.sin(torch.arange(n, dtype=torch.float64) * 2.39996) * 3.0
+        args.insert(0, vals.to(torch.float32).to(ctx.device).view(shape))
     try:  # element by element: each call sees (1, 1, 1, 1) tensors, as FlexAttention's scalars
         singles = []
         for pos in itertools.product(*(range(n) for n in shape)):

@@ -364,7 +364,10 @@ def validate(
                 f"scale must be a number or None, got {type(scale).__name__} {scale!r}",
                 "pass a Python float (None = 1/sqrt(D))",
             )
-        scale_f = float(scale)
+        try:
+            scale_f = float(scale)
+        except OverflowError:  # an int too large for a float
+            scale_f = math.inf
         if not (math.isfinite(scale_f) and scale_f > 0):
             raise fail(ValueError, f"scale={scale} must be finite and > 0", "None uses 1/sqrt(D)")
 
@@ -399,6 +402,14 @@ def validate(
             raise fail(
                 ValueError, f"sinks are on {sinks.device} but q is on {q.device}", "move sinks to q's device"
             )
+        if sinks.device.type != "meta":
+            bad = torch.isnan(sinks.detach()) | (sinks.detach() == math.inf)
+            if bool(bad.any()):
+                raise fail(
+                    ValueError,
+                    f"sinks hold NaN or +inf at heads {bad.nonzero().flatten().tolist()}",
+                    "a sink is a finite logit per head (-inf means no sink); +inf would take all the mass",
+                )
 
     return AttentionInputs(q, k, v, mask_d, mods, similarity, scale_f, sinks, float(dropout_p), return_lse)
 

@@ -126,6 +126,8 @@ def _nonneg_int(name: str, value: object) -> int:
         raise TypeError(f"{name} must be an int >= 0, got {type(value).__name__} {value!r}")
     if value < 0:
         raise ValueError(f"{name}={value} is negative; allowed: an int >= 0")
+    if value >= 2**62:
+        raise ValueError(f"{name}={value} is too large; allowed: an int below 2**62 (positions are int64)")
     return value
 
 

@@ -116,7 +116,10 @@ class bias(ScoreMod):
             )
 
     def __call__(self, score, b, h, i, j, ctx):
-        return score + gather_tile(self.bias, ctx, b, h, i, j).to(score.dtype)
+        add = gather_tile(self.bias, ctx, b, h, i, j).to(score.dtype)
+        # -inf is a hard mask even where the score overflowed to +inf (garbage in a masked-out key):
+        # +inf + -inf would be NaN, and the where() also keeps gradients away from masked scores.
+        return torch.where(add == float("-inf"), add, score + add)
 
     def check(self, ctx):
         return broadcast_problems("bias", self.bias, ctx)

@@ -86,7 +86,10 @@ def split_nonfinite(t: Tensor) -> tuple[Tensor, Tensor]:
     row or key contributes 0 · 0, while a kept bad one still makes its rows NaN.
     """
     ok = torch.isfinite(t)
-    return t.masked_fill(~ok, 0), ~ok.all(-1)
+    rows_ok = ok.all(-1)
+    if bool(rows_ok.all()):  # nothing to clean: the same tensor, so the same arithmetic as clean inputs
+        return t, ~rows_ok
+    return t.masked_fill(~ok, 0), ~rows_ok
 
 
 # The fused kernels keep one float32 log-sum-exp per row; their backward rebuilds P = exp(s - lse), and

@@ -81,7 +81,9 @@ class _Plan:
             qb, kb = F.normalize(qb, dim=-1), F.normalize(kb, dim=-1)
         s = qb @ kb.transpose(-1, -2)  # (B, Hkv, G*bq, bk)
         if self.similarity == "euclidean":  # -|q - k|^2 = 2 q.k - |q|^2 - |k|^2
-            s = 2 * s - qb.square().sum(-1, keepdim=True) - kb.square().sum(-1).unsqueeze(-2)
+            # x * x, not x.square(): its backward is grad * x, so a masked-out huge key gives 0 * x = 0
+            # instead of 0 * (2x overflowed to inf) = NaN
+            s = 2 * s - (qb * qb).sum(-1, keepdim=True) - (kb * kb).sum(-1).unsqueeze(-2)
         s = (s * self.scale).view(B, Hq, bq, bk)
         if self.mods or kind is Tile.PARTIAL:
             b, h, i, j = tile_indices(self.ctx, q0, q1, k0, k1)

@@ -61,8 +61,8 @@ def reference_attention(
     elif similarity == "cosine":
         sim = F.normalize(qc, dim=-1) @ F.normalize(kc, dim=-1).transpose(-1, -2)
     elif similarity == "euclidean":  # -|q - k|^2 = -(|q|^2 - 2 q.k + |k|^2), without a (Sq, Sk, D) tensor
-        q2 = qc.square().sum(-1, keepdim=True)  # (B, Hq, Sq, 1)
-        k2 = kc.square().sum(-1).unsqueeze(-2)  # (B, Hq, 1, Sk)
+        q2 = (qc * qc).sum(-1, keepdim=True)  # (B, Hq, Sq, 1); x * x: its backward never forms 2x
+        k2 = (kc * kc).sum(-1).unsqueeze(-2)  # (B, Hq, 1, Sk)
         sim = -(q2 - 2 * (qc @ kc.transpose(-1, -2)) + k2)
     else:
         raise AssertionError(f"unvalidated similarity {similarity!r}")

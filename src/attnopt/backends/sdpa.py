@@ -63,8 +63,6 @@ class SdpaBackend(Backend):
 
     def forward(self, inputs: AttentionInputs) -> tuple[Tensor, Tensor | None]:
         q, k, v, m = inputs.q, inputs.k, inputs.v, inputs.mask
-        if inputs.similarity == "cosine":  # cosine = dot product of unit vectors
-            q, k = unit_qk(q, k)
         kind = _mask_plan(inputs)[0]
         attn_mask: Tensor | None = None
         is_causal, zero_rows = kind in ("is_causal", "tail"), 0
@@ -92,6 +90,8 @@ class SdpaBackend(Backend):
         elif kind == "materialize":
             assert m is not None
             attn_mask = m.tile(0, inputs.Sq, 0, inputs.Sk, inputs.ctx)  # broadcastable to (B, Hq, Sq, Sk)
+        if inputs.similarity == "cosine":  # cosine = dot product of unit vectors (after any cleaning)
+            q, k = unit_qk(q, k)
         # Rows whose keys are all masked: the contract says out = 0. torch's CPU kernels give 0, but its
         # CUDA kernels return arbitrary values there in bf16/fp16 (seen on an H200 with torch 2.11: 0.45
         # instead of 0 under left padding & causal), so such rows are zeroed explicitly (no host sync).
