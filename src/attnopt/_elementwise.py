@@ -90,15 +90,13 @@ def probe_elementwise(
                     f"for index tensors broadcasting to {tuple(shape)} it returned shape {tuple(got.shape)}"
                 )
             elif not bool(
-                torch.isclose(
-                    got.expand(shape).to(want.dtype), want, rtol=1e-5, atol=1e-6, equal_nan=True
-                ).all()
-            ):
-                bad = (
-                    ~torch.isclose(
+                (
+                    close := torch.isclose(
                         got.expand(shape).to(want.dtype), want, rtol=1e-5, atol=1e-6, equal_nan=True
                     )
-                ).nonzero()[0]
+                ).all()
+            ):
+                bad = (~close).nonzero()[0]
                 at = tuple(int(a.expand(shape)[tuple(bad)]) for a in idx)
                 failure = (
                     f"at (b, h, i, j)={at} it gave {got.expand(shape)[tuple(bad)].item()} on the whole tile but "

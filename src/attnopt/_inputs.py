@@ -192,6 +192,11 @@ class AttentionInputs:
         return ", ".join(parts)
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype scores, softmax, LSE and biases are computed in: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def scan_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype data checks reduce in: the input's own (bf16 has float32's range, and reducing it
     natively is 2-6x faster than converting), float32 for float16 (whose sums overflow at 65504)."""

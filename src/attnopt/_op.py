@@ -23,6 +23,7 @@ from torch import Tensor
 
 from . import masks as M
 from . import mods as Mods
+from ._inputs import acc_dtype
 
 # --------------------------------------------------------------------------- structure <-> objects
 
@@ -284,7 +285,7 @@ def _(
     q, k, v, tensors, spec, ints, floats, sinks, seed, scale, similarity, dropout_p, return_lse, grad, backend
 ):
     B, Hq, Sq = q.shape[0], q.shape[1], q.shape[2]
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse_dtype = acc_dtype(q.dtype)
     lse = q.new_empty((B, Hq, Sq), dtype=lse_dtype) if return_lse else q.new_empty(0, dtype=torch.float32)
     return q.new_empty((B, Hq, Sq, v.shape[-1])), lse  # contiguous, as the real outputs
 

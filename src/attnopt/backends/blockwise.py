@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._inputs import AttentionInputs
+from .._inputs import AttentionInputs, acc_dtype
 from ..masks import Mask, MaskContext, Tile, tile_indices
 from ..merge import sinks_grad
 from ..mods import ScoreMod, alibi, bias
@@ -321,7 +321,7 @@ class BlockwiseBackend(Backend):
 
 
 def _make_plan(inputs: AttentionInputs, seed: int = 0) -> _Plan:
-    cd = torch.float64 if inputs.dtype == torch.float64 else torch.float32
+    cd = acc_dtype(inputs.dtype)
     G = inputs.Hq // inputs.Hkv
     bq = min(max(32, BLOCK_Q // G), inputs.Sq)  # a tile holds G*bq folded query rows
     return _Plan(

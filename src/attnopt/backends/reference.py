@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._inputs import AttentionInputs
+from .._inputs import AttentionInputs, acc_dtype
 from ..masks import Mask, MaskContext, tile_indices
 from ..mods import ScoreMod
 from ._base import Backend, split_nonfinite
@@ -42,7 +42,7 @@ def reference_attention(
     """
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
-    cd = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    cd = compute_dtype or acc_dtype(q.dtype)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     ctx = MaskContext(B, Hq, Sq, Sk, q.device)
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._inputs import AttentionInputs, scan_dtype
+from .._inputs import AttentionInputs, acc_dtype, scan_dtype
 from ..masks import as_4d, causal, dense
 from ..mods import bias
 from ._base import Backend, fused_data_reasons, unit_qk
@@ -106,7 +106,7 @@ class SdpaBackend(Backend):
             attn_mask = t if attn_mask is None else t.masked_fill(~attn_mask, float("-inf"))
             # The bias is added in float32 (float64 for float64 inputs): SDPA takes a float32 mask with
             # bf16/fp16 inputs, and rounding it to bf16 moved a BLOOM-style ALiBi bias by up to 4.
-            cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+            cd = acc_dtype(q.dtype)
             if attn_mask.dtype not in (q.dtype, cd):
                 attn_mask = attn_mask.to(cd)
         fold = _fold_gqa(inputs, kind)

@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .._inputs import AttentionInputs
+from .._inputs import AttentionInputs, acc_dtype
 from ..masks import Mask, MaskContext, Tile, causal, tile_indices
 from ..merge import add_sinks, merge, sinks_grad
 from ..mods import ScoreMod, alibi, bias
@@ -99,7 +99,7 @@ class _Plan:
         b, h, i, j = tile_indices(self.ctx, p.q0, p.q1, p.k0, p.k1)
         # Biases are built and added in float32 (float64 for float64 inputs): the kernel takes a float32
         # mask with bf16/fp16 inputs, and rounding ALiBi at distance 2000 to bf16 moved scores by ~4.
-        cd = torch.float64 if dtype == torch.float64 else torch.float32
+        cd = acc_dtype(dtype)
         add = torch.zeros((), dtype=cd)
         for mod in self.mods:  # alibi / bias: additive, independent of the score
             add = mod(add, b, h, i, j, self.ctx)
@@ -199,7 +199,7 @@ class _SpanFn(torch.autograd.Function):
     def forward(ctx, plan: _Plan, q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None):
         B, Hq, Sq, D = q.shape
         out = q.new_empty(B, Hq, Sq, D)  # every block writes its rows: blocks with no key write 0 / -inf
-        lse = q.new_empty((B, Hq, Sq), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+        lse = q.new_empty((B, Hq, Sq), dtype=acc_dtype(q.dtype))
         for q0, q1, row in plan.blocks:
             if not row:
                 out[:, :, q0:q1] = 0
