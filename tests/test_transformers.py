@@ -388,10 +388,12 @@ def test_translation_structure():
     )
     assert torch.equal(ours_dense(m, st.Sq, st.Sk), hf_dense(st.Sq, st.Sk, st.q_offset, 0, causal, am))
 
-    # what must be evaluated from the rule: unknown rules, unaligned offsets (static cache), use_vmap rules
+    # a static cache's buffer (keys past the newest query not written yet): causal to the filled length
+    assert leaf_types(_translate(causal, OFFSETS["static_cache"])) == {M.cache_causal}
+
+    # what must be evaluated from the rule: unknown rules, use_vmap rules
     chunked = mu.chunked_causal_mask_function(3, torch.tensor([0, 2, 1]))
     assert leaf_types(_translate(chunked, pre)) == {M.custom}
-    assert leaf_types(_translate(causal, OFFSETS["static_cache"])) == {M.custom}
     m = _translate(chunked, pre, use_vmap=True)
     assert leaf_types(m) == {M.dense} and tuple(m.mask.shape) == (B, 1, pre.Sq, pre.Sk), repr(m)
     assert repr(_translate(causal, pre, use_vmap=True)) == "causal()"  # recognised: no tensor even then

@@ -237,6 +237,7 @@ class RingLayer(DynamicLayer):
         self._fill = 0  # window slots filled
         self._head = 0  # window slot of the oldest token once the ring has wrapped
         self._sink_shift: int | None = None  # position shift the sink slots are rotated for
+        self._ordered = False  # a padded batch: return keys in order (padding masks index positions)
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.device = key_states.device
@@ -263,7 +264,7 @@ class RingLayer(DynamicLayer):
         return kv_length, self._seen + query_length - kv_length
 
     def _returned_length(self, s: int) -> int:
-        if s == 1 and not self._in_place(1):
+        if s == 1 and not self._in_place(1) and not self._ordered:
             return self.sinks + self.window  # steady decode: one slot overwritten, the whole buffer
         return self._n_sinks + self._fill + s
 
@@ -313,10 +314,16 @@ class RingLayer(DynamicLayer):
             return self._seen
         pos = pos.reshape(-1, pos.shape[-1])
         if pos.shape[0] > 1 and not bool((pos == pos[:1]).all()):
+            if not self.sinks:
+                # A padded batch on a sliding window: transformers' padding mask indexes keys by position,
+                # so keys are returned in order from now on (one copy of the window per step, as
+                # transformers' own sliding layer does); the counter gives the cache positions.
+                self._ordered = True
+                return self._seen
             raise ValueError(
-                "RingLayer (streaming / sliding-window cache) needs every batch row at the same positions; "
-                "got position_ids that differ between rows (a padded batch). Generate rows separately or "
-                "without padding."
+                "RingLayer with sinks (the streaming cache) needs every batch row at the same positions; got "
+                "position_ids that differ between rows (a padded batch), whose sinks would be padding. "
+                "Generate the rows separately or without padding."
             )
         return int(pos[0, 0])
 
@@ -405,7 +412,7 @@ class RingLayer(DynamicLayer):
         s = key_states.shape[2]
         t0 = self._first_position(s, kwargs.get("kwargs", kwargs))
         S = self.sinks
-        if s == 1 and not self._in_place(1):
+        if s == 1 and not self._in_place(1) and not self._ordered:
             # decode: one slot written in place (the oldest window token), the buffer returned in slot order
             self._append(key_states, value_states, t0)
             self._seen += 1

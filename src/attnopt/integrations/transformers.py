@@ -33,11 +33,24 @@ import attnopt as ao
 from attnopt import masks as M
 from attnopt import mods as Mods
 
-__all__ = ["attention_forward", "hf_mask_to_attnopt", "mask_interface", "register"]
+__all__ = [
+    "CACHE_KINDS",
+    "attention_forward",
+    "hf_mask_to_attnopt",
+    "make_cache",
+    "mask_interface",
+    "register",
+]
 
 
 class _Full:
-    """The mask function's answer 'every query sees every key' (not None: None means 'use is_causal')."""
+    """The mask function's answer 'every query sees every key' (not None: None means 'use is_causal').
+
+    ``ndim = 4`` lets it pass transformers' mask preprocessing when ``generate`` hands a mask built ahead
+    of time (compileable caches) back to the model, as attnopt's mask descriptors do.
+    """
+
+    ndim = 4
 
     def __repr__(self) -> str:
         return "attnopt.integrations.transformers.FULL"
@@ -86,7 +99,13 @@ def mask_interface(
     use_vmap: bool = False,
     **kwargs: Any,
 ) -> M.Mask | _Full:
-    """transformers' mask-interface signature -> an attnopt mask descriptor (or FULL)."""
+    """transformers' mask-interface signature -> an attnopt mask descriptor (or FULL).
+
+    Idempotent: given one of its own results as ``attention_mask`` (``generate`` builds masks ahead of
+    time for compileable caches and the model passes them back through mask creation), returns it.
+    """
+    if isinstance(attention_mask, (M.Mask, _Full)):
+        return attention_mask
     if mask_function is None:
         from transformers.masking_utils import causal_mask_function
 
@@ -133,12 +152,19 @@ def hf_mask_to_attnopt(
     rule: M.Mask | _Full | None = (
         _structured(parts, q_length, kv_length) if aligned and parts is not None else None
     )
+    used = kv_length
+    if rule is None and parts is not None and 0 <= q_offset - kv_offset < kv_length - q_length:
+        # A preallocated buffer (StaticCache): keys past the newest query are slots not written yet.
+        # Causal rules never keep them: causal aligned to the filled length, never read past it.
+        used = q_offset - kv_offset + q_length
+        rule = _prefix_rule(parts, batch_size, used)
     if rule is None:
         if use_vmap:  # a rule transformers itself only evaluates element by element: use its dense mask
             return M.dense(
                 _hf_dense(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask)
             )
         rule = M.custom(_offset_rule(mask_function, q_offset, kv_offset))
+        used = kv_length
     pad = _padding_part(attention_mask, kv_length, kv_offset)
     if pad is None:
         return rule
@@ -264,6 +290,56 @@ def _structured(parts: list[tuple], Sq: int, Sk: int) -> M.Mask | _Full | None:
     return FULL if out is None else out
 
 
+def _prefix_rule(parts: list[tuple], B: int, used: int) -> M.Mask | None:
+    """Causal (or causal sliding-window) attention over the first ``used`` keys of a longer buffer:
+    ``cache_causal`` with every length ``used``, which keeps nothing at or past ``used``."""
+    kinds = [p[0] for p in parts]
+    windows = [p[1] for p in parts if p[0] == "window"]
+    if "causal" not in kinds or set(kinds) - {"causal", "window"} or any(w < 1 for w in windows):
+        return None  # only causal rules bound the keys by the query position
+    left = min(windows) - 1 if windows else None
+    return M.cache_causal(torch.full((B,), used, dtype=torch.long), left=left)
+
+
+def _filled_prefix(mask: M.Mask | None, Sq: int, Sk: int) -> tuple[int, M.Mask | None]:
+    """(keys to read, the mask over them) for a ``cache_causal`` of one common length L < Sk, alone or
+    ``&`` key-only padding (what ``_prefix_rule`` builds): the keys past L are never read, and over the
+    first L keys the mask is plain bottom-right causal (a fast path on every backend)."""
+    cc, rest = mask, None
+    if isinstance(mask, M.And) and isinstance(mask.a, M.cache_causal) and mask.b.key_only:
+        cc, rest = mask.a, mask.b
+    if not isinstance(cc, M.cache_causal) or cc._min != cc._max or not 0 < cc._max < Sk:
+        return Sk, mask
+    L = cc._max
+    if cc.left is not None:
+        base: M.Mask | None = M.sliding_window(cc.left, 0)
+    else:
+        base = M.causal() if Sq > 1 else None  # one bottom-right query sees every filled key
+    if rest is not None:
+        ok, rest = _first_keys(rest, L)
+        if not ok:
+            return Sk, mask
+    if rest is None:
+        return L, base
+    return L, rest if base is None else base & rest
+
+
+def _first_keys(m: M.Mask, L: int) -> tuple[bool, M.Mask | None]:
+    """A key-only padding mask restricted to keys [0, L): (understood, the mask or None if it keeps all)."""
+    if isinstance(m, M.And):
+        (ok_a, a), (ok_b, b) = _first_keys(m.a, L), _first_keys(m.b, L)
+        if not (ok_a and ok_b):
+            return False, None
+        return True, (b if a is None else a if b is None else a & b)
+    if isinstance(m, M.padding):
+        return True, None if m._min >= L else M.padding(m.kv_lengths.clamp(max=L))
+    if isinstance(m, M.left_padding):
+        return True, None if m._max == 0 else M.left_padding(m.pad_lengths.clamp(max=L))
+    if isinstance(m, M.dense) and m.mask.ndim == 4 and m.mask.shape[1:3] == (1, 1):
+        return True, M.dense(m.mask[..., :L])
+    return False, None
+
+
 def _padding_part(attention_mask: Tensor | None, kv_length: int, kv_offset: int) -> M.Mask | None:
     """The 2-D padding mask (True = real token) as left/right padding descriptors, or a (B,1,1,Sk) row."""
     if attention_mask is None:
@@ -344,13 +420,16 @@ def attention_forward(
     **kwargs: Any,
 ) -> tuple[Tensor, Tensor | None]:
     """transformers' attention-function signature on attnopt: (B, Sq, Hq, Dv) contiguous, weights|None."""
-    Sq = query.shape[2]
+    Sq, Sk = query.shape[2], key.shape[2]
     mask: M.Mask | None
     mods: list[Mods.ScoreMod] = []
     if isinstance(attention_mask, _Full):
         mask = None
     elif isinstance(attention_mask, M.Mask):
         mask = attention_mask
+        used, mask = _filled_prefix(mask, Sq, key.shape[2])
+        if used < key.shape[2]:  # a preallocated buffer: never read the slots past the filled length
+            key, value = key[:, :, :used], value[:, :, :used]
     elif attention_mask is None:
         # No mask function ran (a model that builds no mask): causality comes from the module.
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -387,6 +466,8 @@ def attention_forward(
     weights = None
     if output_attentions:
         weights = attention_weights(query, key, mask=mask, score_mod=mods or None, scale=scaling, sinks=sinks)
+        if weights.shape[-1] < Sk:  # unfilled slots of a preallocated buffer get weight 0, as with eager
+            weights = torch.nn.functional.pad(weights, (0, Sk - weights.shape[-1]))
     return out.transpose(1, 2).contiguous(), weights
 
 
@@ -399,3 +480,84 @@ def attention_weights(q: Tensor, k: Tensor, **kwargs: Any) -> Tensor:
     B, Hkv, Sk = k.shape[0], k.shape[1], k.shape[2]
     eye = torch.eye(Sk, dtype=q.dtype, device=q.device).expand(B, Hkv, Sk, Sk)
     return ao.attention(q, k, eye, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------- caches
+
+# kind -> (its options with their defaults, one line for errors and docs)
+CACHE_KINDS: dict[str, tuple[dict[str, Any], str]] = {
+    "growing": ({"initial": 256, "growth": 2.0}, "amortized doubling, returns views: no per-step copy"),
+    "static": ({"max_length": None}, "one buffer of max_length tokens (default: the model's context)"),
+    "streaming": (
+        {"sinks": 4, "window": 1024},
+        "sinks first tokens + a ring of the window most recent ones (StreamingLLM): runs past the context",
+    ),
+}
+
+
+def make_cache(model: Any, kind: str = "growing", **options: Any) -> Any:
+    """A transformers ``Cache`` of attnopt layers for ``model``: pass it as ``generate(..., cache=...)``.
+
+    kind: "growing" (options ``initial=256``, ``growth=2.0``), "static" (``max_length``, default the
+    model's ``max_position_embeddings``) or "streaming" (``sinks=4``, ``window=1024``; positions are
+    re-assigned inside the cache through the model's rotary embedding, so generation runs past the
+    model's context at constant memory and time per token). Sliding-window layers of hybrid models get
+    a ring of their window in every kind (no roll and copy per step). Works with any attention
+    implementation; with ``attn_implementation="attnopt"`` the kernels read the views in place.
+    """
+    from transformers.cache_utils import Cache, get_layer_types_and_kwargs
+
+    from attnopt.cache.layers import GrowingLayer, PreallocatedLayer, RingLayer
+
+    if kind not in CACHE_KINDS:
+        raise ValueError(f"kind={kind!r} is not a cache kind; use one of {sorted(CACHE_KINDS)}")
+    defaults, _ = CACHE_KINDS[kind]
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise TypeError(
+            f"make_cache(kind={kind!r}) got unknown option(s) {unknown}; its options are {sorted(defaults)}"
+        )
+    opts = {**defaults, **options}
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "get_text_config"):
+        raise TypeError(f"model must be a transformers model with a config, got {type(model).__name__}")
+    config = config.get_text_config(decoder=True)
+    layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
+    rotary = None
+    if kind == "static" and opts["max_length"] is None:
+        opts["max_length"] = getattr(config, "max_position_embeddings", None)
+        if not isinstance(opts["max_length"], int):
+            raise ValueError(
+                "make_cache(kind='static'): the model has no max_position_embeddings; pass max_length"
+            )
+    if kind == "streaming":
+        rotary = _find_rotary(model)
+
+    layers = []
+    for i, (lt, kw) in enumerate(zip(layer_types, layer_kwargs)):
+        if lt == "sliding_attention":
+            layers.append(RingLayer(window=kw["sliding_window"], sliding=True))
+        elif lt != "full_attention":
+            raise NotImplementedError(
+                f"make_cache: layer {i} has type {lt!r}; attnopt caches support 'full_attention' and "
+                f"'sliding_attention' layers (use transformers' DynamicCache for this model)"
+            )
+        elif kind == "growing":
+            layers.append(GrowingLayer(initial=opts["initial"], growth=opts["growth"]))
+        elif kind == "static":
+            layers.append(PreallocatedLayer(max_length=opts["max_length"]))
+        else:
+            layers.append(RingLayer(window=opts["window"], sinks=opts["sinks"], rotary=rotary))
+    return Cache(layers=layers)
+
+
+def _find_rotary(model: Any) -> Callable:
+    """The model's rotary embedding module (``model.model.rotary_emb`` in LLaMA-style models)."""
+    base = getattr(model, "model", model)
+    rotary = getattr(base, "rotary_emb", None)
+    if rotary is None or not callable(rotary):
+        raise ValueError(
+            f"make_cache(kind='streaming') needs the model's rotary embedding to re-assign positions inside "
+            f"the cache; {type(model).__name__} has no `.model.rotary_emb` (a LLaMA-style RoPE model is needed)"
+        )
+    return rotary
