@@ -38,10 +38,12 @@ __all__ = [
     "MaskContext",
     "Or",
     "Tile",
+    "cache_causal",
     "causal",
     "custom",
     "dense",
     "document",
+    "document_causal",
     "left_padding",
     "padding",
     "prefix_lm",
@@ -482,6 +484,102 @@ class left_padding(_Lengths):
 
 
 @dataclass(frozen=True, eq=False)
+class cache_causal(_Lengths):
+    """Causal attention over a right-padded KV cache, aligned to each sequence's own length.
+
+    FlashAttention ``flash_attn_with_kvcache(cache_seqlens=kv_lengths)``: query i of batch element b sits
+    at position ``p = kv_lengths[b] - Sq + i`` and keeps keys ``j <= p`` (so never ``j >= kv_lengths[b]``);
+    with ``left`` (an int >= 0) also ``j >= p - left`` (FlashAttention ``window_size=(left, 0)``). Rows
+    with ``p < 0`` (a sequence shorter than the query chunk) keep nothing: their output is 0.
+
+    Not the same as ``causal() & padding(kv_lengths)``: that aligns every query to the *padded* length
+    Sk (``p = Sk - Sq + i``), so with Sq > 1 a shorter sequence's new tokens see the wrong keys (for
+    Sq = 1 the two agree). kv_lengths: (B,) ints in [0, Sk], tensor or list (read once, lazily).
+    """
+
+    kv_lengths: Tensor
+    left: int | None = None
+    _lengths_field = "kv_lengths"
+
+    def __post_init__(self):
+        if not isinstance(self.kv_lengths, (Tensor, list, tuple)):
+            raise TypeError(
+                f"cache_causal kv_lengths must be a (B,) int tensor or a list of ints, "
+                f"got {type(self.kv_lengths).__name__} {self.kv_lengths!r}"
+            )
+        _set_lengths(self, "kv_lengths", "cache_causal kv_lengths")
+        if self.left is not None:
+            _nonneg_int("cache_causal left", self.left)
+
+    def _sorted(self) -> list[int] | None:
+        """The lengths sorted, as Python ints (one host sync, on first use); None on meta (no values)."""
+        cached = self.__dict__.get("_sorted_cache", False)
+        if cached is False:
+            t = self.kv_lengths
+            cached = None if t.device.type == "meta" else sorted(t.tolist())
+            object.__setattr__(self, "_sorted_cache", cached)
+        return cached
+
+    def _bounds(self) -> tuple[int, int]:  # min/max from the one sorted read
+        s = self._sorted()
+        if s is None:
+            return 0, 2**62 if self.kv_lengths.numel() else 0
+        return (s[0], s[-1]) if s else (0, 0)
+
+    def keep(self, b, h, i, j, ctx):
+        p = self.kv_lengths.to(j.device)[b] - ctx.Sq + i  # each sequence's own aligned position
+        out = j <= p
+        return out if self.left is None else out & (j >= p - self.left)
+
+    def classify(self, q0, q1, k0, k1, ctx):
+        s = self._sorted()
+        if s is None:
+            return Tile.PARTIAL
+        if not s:
+            return Tile.EMPTY
+        # Batch element b (offset o = L_b - Sq) keeps the whole tile iff k1-1 <= q0 + o (and, with a
+        # window, k0 >= q1-1 + o - left): the shortest and the longest sequence decide.
+        sq, lo, hi = ctx.Sq, s[0], s[-1]
+        if k1 - 1 <= q0 + lo - sq and (self.left is None or k0 >= q1 - 1 + hi - sq - self.left):
+            return Tile.FULL
+        # Its rows keep [q0 + o - left, q1 - 1 + o] together: some key of the tile iff o lies in
+        # [k0 - q1 + 1, k1 - 1 - q0 + left]. EMPTY iff no length falls in that range.
+        need = k0 - q1 + 1 + sq
+        at = bisect.bisect_left(s, need)
+        if at == len(s):
+            return Tile.EMPTY
+        if self.left is not None and s[at] > k1 - 1 - q0 + self.left + sq:
+            return Tile.EMPTY
+        return Tile.PARTIAL
+
+    def key_range(self, q0, q1, ctx):
+        s = self._sorted()
+        if s is None:
+            return 0, ctx.Sk
+        # Sequences that keep anything in these rows: L >= Sq + 1 - q1 (the last row has p >= 0).
+        at = bisect.bisect_left(s, ctx.Sq + 1 - q1)
+        if at == len(s):
+            return 0, 0
+        lo = 0 if self.left is None else q0 + s[at] - ctx.Sq - self.left
+        return _clip(lo, q1 + s[-1] - ctx.Sq, ctx)
+
+    def full_key_range(self, ctx):
+        s = self._sorted()
+        if not s:
+            return 0, 0
+        # Every row of every sequence: j <= min_L - Sq (row 0), j >= max_L - 1 - left (the last row).
+        lo = 0 if self.left is None else s[-1] - 1 - self.left
+        return _clip(lo, s[0] - ctx.Sq + 1, ctx)
+
+    def check(self, ctx):
+        return _length_problems(self, "kv_lengths", "cache_causal kv_lengths", ctx)
+
+    def __repr__(self) -> str:
+        extra = "" if self.left is None else f", left={self.left}"
+        return f"cache_causal(kv_lengths={self.kv_lengths.tolist()}{extra})"
+
+
+@dataclass(frozen=True, eq=False)
 class document(Mask):
     """Packed documents (FlashAttention varlen): keep i, j in the same document.
 
@@ -582,6 +680,144 @@ class document(Mask):
     def __repr__(self) -> str:
         extra = "" if self.cu_seqlens_k is None else f", cu_seqlens_k={self._cu_k}"
         return f"document(cu_seqlens={self._cu_seqlens}{extra})"
+
+
+@dataclass(frozen=True, eq=False)
+class document_causal(Mask):
+    """Packed chunks (chunked prefill): causal bottom-right *within* each document.
+
+    FlashAttention varlen with ``causal=True`` / xformers ``BlockDiagonalCausalFromBottomRight``.
+    Document d holds queries ``[cu_seqlens_q[d], cu_seqlens_q[d+1])`` and keys ``[cu_seqlens_k[d],
+    cu_seqlens_k[d+1])``; its query i sits at local position ``(i - cu_q[d]) + (len_k[d] - len_q[d])``
+    and keeps key j iff j is in document d and ``j - cu_k[d] <=`` that position. Queries of a document
+    with more queries than keys that sit at a negative position keep nothing (output 0).
+
+    Not the same as ``document(cu_q, cu_k) & causal()``: that aligns on the whole packed row
+    (``j <= i + Sk - Sq``), not on each document's own lengths. Both lists: [0, ..., Sq] and
+    [0, ..., Sk], non-decreasing, one entry more than there are documents (tensors or lists).
+    """
+
+    cu_seqlens_q: Tensor
+    cu_seqlens_k: Tensor
+
+    def __post_init__(self):
+        for name in ("cu_seqlens_q", "cu_seqlens_k"):
+            value = getattr(self, name)
+            if not isinstance(value, (Tensor, list, tuple)):
+                raise TypeError(
+                    f"document_causal {name} must be a 1-D int tensor or a list of ints, "
+                    f"got {type(value).__name__} {value!r}"
+                )
+            object.__setattr__(self, name, _int_tensor(f"document_causal {name}", value))
+        if not torch.compiler.is_compiling():  # while tracing, the values are checked when the op runs
+            self._lists()
+
+    def _lists(self) -> tuple[list[int], list[int], list[int]]:
+        """cu_seqlens_q, cu_seqlens_k as Python lists (read once, checked) and the documents with both
+        queries and keys (sorted), for O(log documents) tile classification."""
+        cached = self.__dict__.get("_lists_cache")
+        if cached is not None:
+            return cached
+        out = []
+        for name in ("cu_seqlens_q", "cu_seqlens_k"):
+            t = getattr(self, name)
+            if t.device.type == "meta":
+                raise ValueError(
+                    f"document_causal {name} is on meta: it holds no values (pass it on q's device or the CPU)"
+                )
+            lst = t.tolist()
+            if not lst or lst[0] != 0:
+                raise ValueError(f"document_causal {name}={lst} must start at 0")
+            if any(b < a for a, b in itertools.pairwise(lst)):
+                raise ValueError(f"document_causal {name}={lst} must be non-decreasing")
+            out.append(lst)
+        cq, ck = out
+        if len(cq) != len(ck):
+            raise ValueError(
+                f"document_causal cu_seqlens_q ({len(cq) - 1} documents) and cu_seqlens_k "
+                f"({len(ck) - 1} documents) must describe the same number of documents"
+            )
+        live = [d for d in range(len(cq) - 1) if cq[d + 1] > cq[d] and ck[d + 1] > ck[d]]
+        cached = (cq, ck, live)
+        object.__setattr__(self, "_lists_cache", cached)
+        return cached
+
+    def _span(self, d: int, q0: int, q1: int) -> tuple[int, int] | None:
+        """First and last key that the rows [q0, q1) of document d keep together (None if none)."""
+        cq, ck, _ = self._lists()
+        a, b = max(q0, cq[d]), min(q1, cq[d + 1])
+        if a >= b:
+            return None
+        last = b - 1 + ck[d + 1] - cq[d + 1]  # row i keeps [cu_k[d], i + end_k - end_q]
+        return (ck[d], last) if ck[d] <= last else None
+
+    def _live_between(self, a: int, b: int, reverse: bool = False) -> int | None:
+        """The first (last, if reverse) document in [a, b) with both queries and keys, or None."""
+        live = self._lists()[2]
+        if reverse:
+            at = bisect.bisect_left(live, b) - 1
+            return live[at] if at >= 0 and live[at] >= a else None
+        at = bisect.bisect_left(live, a)
+        return live[at] if at < len(live) and live[at] < b else None
+
+    def keep(self, b, h, i, j, ctx):
+        cq, ck = self.cu_seqlens_q.to(i.device), self.cu_seqlens_k.to(j.device)
+        # Document of query i: the last d with cu_q[d] <= i (so never an empty one).
+        d = (torch.searchsorted(cq, i, right=True) - 1).clamp(0, cq.numel() - 2)
+        return (j >= ck[d]) & (j <= i + ck[d + 1] - cq[d + 1])
+
+    def classify(self, q0, q1, k0, k1, ctx):
+        cq, ck, _ = self._lists()
+        d0, d1 = bisect.bisect_right(cq, q0) - 1, bisect.bisect_right(cq, q1 - 1) - 1
+        # FULL needs one document (key ranges of documents are disjoint) and every row keeping every key.
+        if d0 == d1 and k0 >= ck[d0] and k1 - 1 <= q0 + ck[d0 + 1] - cq[d0 + 1]:
+            return Tile.FULL
+        e0, e1 = bisect.bisect_right(ck, k0) - 1, bisect.bisect_right(ck, k1 - 1) - 1
+        lo, hi = max(d0, e0), min(d1, e1)  # documents with rows and keys in the tile
+        for d in {lo, hi} if lo <= hi else ():  # the two edge documents: part of them may be outside
+            span = self._span(d, q0, q1)
+            if span is not None and max(span[0], k0) <= min(span[1], k1 - 1):
+                return Tile.PARTIAL
+        # Documents strictly between lie wholly inside the tile: they keep something iff non-empty.
+        return Tile.PARTIAL if self._live_between(lo + 1, hi) is not None else Tile.EMPTY
+
+    def key_range(self, q0, q1, ctx):
+        cq = self._lists()[0]
+        d0, d1 = bisect.bisect_right(cq, q0) - 1, bisect.bisect_right(cq, q1 - 1) - 1
+        first = self._span(d0, q0, q1)
+        if first is None:
+            d = self._live_between(d0 + 1, d1)
+            first = self._span(d, q0, q1) if d is not None else self._span(d1, q0, q1)
+        if first is None:
+            return 0, 0
+        last = self._span(d1, q0, q1)
+        if last is None:
+            d = self._live_between(d0 + 1, d1, reverse=True)
+            last = self._span(d if d is not None else d0, q0, q1)
+        assert last is not None
+        return _clip(first[0], last[1] + 1, ctx)
+
+    def full_key_range(self, ctx):
+        cq, ck, _ = self._lists()
+        if ctx.Sq == 0 or cq[-1] != ctx.Sq:
+            return 0, 0
+        d = bisect.bisect_right(cq, 0) - 1
+        if cq[d + 1] != ctx.Sq:  # several documents of queries: their keys are disjoint
+            return 0, 0
+        return _clip(ck[d], ck[d + 1] - ctx.Sq + 1, ctx)  # row 0 keeps [cu_k[d], end_k - Sq]
+
+    def check(self, ctx):
+        cq, ck, _ = self._lists()
+        problems = []
+        if cq[-1] != ctx.Sq:
+            problems.append(f"document_causal cu_seqlens_q ends at {cq[-1]}; it must end at Sq={ctx.Sq}")
+        if ck[-1] != ctx.Sk:
+            problems.append(f"document_causal cu_seqlens_k ends at {ck[-1]}; it must end at Sk={ctx.Sk}")
+        return problems
+
+    def __repr__(self) -> str:
+        cq, ck, _ = self._lists()
+        return f"document_causal(cu_seqlens_q={cq}, cu_seqlens_k={ck})"
 
 
 @dataclass(frozen=True, eq=False)
