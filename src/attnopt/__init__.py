@@ -3,7 +3,18 @@
 from . import masks, mods
 from ._dispatch import NoBackendError
 from .api import attention, available_backends, explain
-from .masks import causal, custom, dense, document, left_padding, padding, prefix_lm, sliding_window
+from .masks import (
+    cache_causal,
+    causal,
+    custom,
+    dense,
+    document,
+    document_causal,
+    left_padding,
+    padding,
+    prefix_lm,
+    sliding_window,
+)
 from .nn import MultiHeadAttention, RotaryEmbedding
 
 __version__ = "0.1.0"
@@ -15,10 +26,12 @@ __all__ = [
     "__version__",
     "attention",
     "available_backends",
+    "cache_causal",
     "causal",
     "custom",
     "dense",
     "document",
+    "document_causal",
     "explain",
     "left_padding",
     "masks",

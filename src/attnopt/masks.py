@@ -147,6 +147,9 @@ class Mask:
 
     translation_invariant: bool = False  # keep() depends on (i - j) alone (given Sq, Sk): tiles repeat
     key_only: bool = False  # keep() ignores h and i: one (B, 1, 1, Sk) row stands for the whole mask
+    # A mask stands for a (B, Hq, Sq, Sk) bool tensor. transformers' mask preprocessing reads ``.ndim`` of
+    # a mask that generate() built ahead of time and hands back (compileable caches); 4 lets it through.
+    ndim: int = 4
 
     def keep(self, b: Tensor, h: Tensor, i: Tensor, j: Tensor, ctx: MaskContext) -> Tensor:
         raise NotImplementedError
