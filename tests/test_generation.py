@@ -291,3 +291,19 @@ class _NoRope(torch.nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def test_generate_command_streams_and_compares(smollm2, capsys):
+    from attnopt import cli
+
+    rc = cli.main(
+        ["generate", "--prompt-tokens", "32", "--new-tokens", "40", "--window", "16", "--compare", "20",
+         "--temperature", "0", "--threads", "1"]
+    )  # fmt: skip
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "attnopt streaming" in out and "DynamicCache + sdpa" in out and "4 sinks + window 16" in out
+    assert "last 120 generated tokens" in out

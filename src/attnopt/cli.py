@@ -32,6 +32,22 @@ def demo(args: argparse.Namespace) -> int:
     )
 
 
+def generate(args: argparse.Namespace) -> int:
+    """SmolLM2 continues a long prompt past its context with the streaming cache, progress as it goes."""
+    from attnopt.longgen import run
+
+    return run(
+        _console(),
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        sinks=args.sinks,
+        window=args.window,
+        compare=args.compare,
+        temperature=args.temperature,
+        threads=args.threads,
+    )
+
+
 def variants(args: argparse.Namespace) -> int:
     """Run the variants modern LLMs use on random tensors; compare each with the float64 oracle."""
     import torch
@@ -137,6 +153,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--max-new-tokens", type=_positive, default=40, help="answer length (40)")
     p.set_defaults(fn=demo)
+    p = sub.add_parser(
+        "generate",
+        help="SmolLM2 streams past its 8K context (sinks + window cache), next to DynamicCache + sdpa",
+    )
+    p.add_argument("--prompt-tokens", type=_positive, default=1024, help="prompt length (1024)")
+    p.add_argument("--new-tokens", type=_positive, default=9000, help="tokens to generate (9000)")
+    p.add_argument("--sinks", type=int, default=4, help="attention sinks (4)")
+    p.add_argument("--window", type=_positive, default=1024, help="recent tokens kept (1024)")
+    p.add_argument(
+        "--compare",
+        type=int,
+        default=4096,
+        help="tokens DynamicCache + sdpa generates for the table (4096; 0: none)",
+    )
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 = greedy (0.8)")
+    p.add_argument("--threads", type=_positive, default=2, help="torch threads (2)")
+    p.set_defaults(fn=generate)
     p = sub.add_parser("variants", help="the attention variants on random tensors against the float64 oracle")
     p.add_argument("--seq", type=_positive, default=1024, help="sequence length (default 1024)")
     p.set_defaults(fn=variants)

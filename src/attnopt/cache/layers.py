@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicLayer
 
-__all__ = ["GrowingLayer", "PreallocatedLayer", "RingLayer"]
+__all__ = ["GrowingLayer", "PreallocatedLayer", "RingLayer", "SinkRotation"]
 
 # Rotary embedding callable as transformers' ``model.model.rotary_emb``: (x, position_ids (1, L)) ->
 # (cos, sin), each (1, L, D), rotate-half convention (LLaMA, Mistral, Qwen, Gemma, ...).
@@ -186,6 +186,30 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
+class SinkRotation:
+    """The model's rotary embedding with its last (cos, sin) remembered: every layer of a cache asks for
+    the same positions in a decode step, so one table per step serves them all (make_cache shares one)."""
+
+    def __init__(self, rotary: Rotary):
+        if not callable(rotary):
+            raise TypeError(
+                f"rotary must be callable (x, position_ids) -> (cos, sin), got {type(rotary).__name__}"
+            )
+        self.rotary = rotary
+        self._last: tuple | None = None
+        self._table: tuple[Tensor, Tensor] | None = None
+
+    def cos_sin(self, first: int, n: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(cos, sin), each (1, 1, n, D) in like's dtype, for positions first, ..., first + n - 1."""
+        key = (first, n, like.dtype, like.device)
+        if key != self._last or self._table is None:
+            pos = torch.arange(first, first + n, device=like.device).view(1, -1)
+            cos, sin = self.rotary(like, pos)
+            self._table = (cos.to(like.dtype).unsqueeze(1), sin.to(like.dtype).unsqueeze(1))
+            self._last = key
+        return self._table
+
+
 class RingLayer(DynamicLayer):
     """``sinks`` first tokens kept forever plus a ring of the ``window`` most recent ones (StreamingLLM).
 
@@ -220,11 +244,7 @@ class RingLayer(DynamicLayer):
                 "sinks' positions inside the cache; without it they would sit at their original, ever farther "
                 "positions (the bug of transformers' old SinkCache)"
             )
-        if rotary is not None and not callable(rotary):
-            raise TypeError(
-                f"rotary must be callable (x, position_ids) -> (cos, sin), got {type(rotary).__name__}"
-            )
-        self.rotary = rotary
+        self.rotary = rotary if rotary is None or isinstance(rotary, SinkRotation) else SinkRotation(rotary)
         self.is_sliding = bool(sliding)
         self._clear()
 
@@ -232,6 +252,7 @@ class RingLayer(DynamicLayer):
         self._k: Tensor | None = None
         self._v: Tensor | None = None
         self._sink_pre: Tensor | None = None  # un-rotated sink keys (B, Hkv, sinks, D), float32 at least
+        self._sink_half: Tensor | None = None  # their rotate-half
         self._seen = 0  # tokens ever appended (the absolute position of the next one)
         self._n_sinks = 0  # sink slots filled
         self._fill = 0  # window slots filled
@@ -288,6 +309,7 @@ class RingLayer(DynamicLayer):
         self._k, self._v = self._k.index_select(0, idx), self._v.index_select(0, idx)  # type: ignore[union-attr]
         if self._sink_pre is not None:
             self._sink_pre = self._sink_pre.index_select(0, idx)
+            self._sink_half = self._sink_half.index_select(0, idx)  # type: ignore[union-attr]
 
     def batch_select_indices(self, indices: Tensor) -> None:
         self.reorder_cache(torch.as_tensor(indices).reshape(-1))
@@ -299,6 +321,7 @@ class RingLayer(DynamicLayer):
         self._v = self._v.repeat_interleave(repeats, dim=0)  # type: ignore[union-attr]
         if self._sink_pre is not None:
             self._sink_pre = self._sink_pre.repeat_interleave(repeats, dim=0)
+            self._sink_half = self._sink_half.repeat_interleave(repeats, dim=0)  # type: ignore[union-attr]
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
@@ -327,11 +350,10 @@ class RingLayer(DynamicLayer):
             )
         return int(pos[0, 0])
 
-    def _rope(self, x: Tensor, positions: Tensor, inverse: bool = False) -> Tensor:
-        """Rotate x (B, H, L, D) to `positions` (L,) with the model's rotary (or undo that rotation)."""
+    def _rope(self, x: Tensor, first: int, inverse: bool = False) -> Tensor:
+        """Rotate x (B, H, L, D) to positions first, ..., first + L - 1 (or undo that rotation)."""
         assert self.rotary is not None
-        cos, sin = self.rotary(x, positions.view(1, -1).to(x.device))
-        cos, sin = cos.to(x.dtype).unsqueeze(1), sin.to(x.dtype).unsqueeze(1)  # (1, 1, L, D)
+        cos, sin = self.rotary.cos_sin(first, x.shape[2], x)
         if inverse:  # R(-θ)·x / scaling² (cos² + sin² = scaling²)
             return (x * cos - _rotate_half(x) * sin) / (cos * cos + sin * sin)
         return x * cos + _rotate_half(x) * sin
@@ -341,21 +363,25 @@ class RingLayer(DynamicLayer):
         if not self.sinks or self.rotary is None or self._sink_pre is None or shift == self._sink_shift:
             return
         n = self._n_sinks
-        pos = torch.arange(n, dtype=torch.long) + shift
+        pre, pre_half = self._sink_pre[:, :, :n], self._sink_half[:, :, :n]  # type: ignore[index]
+        cos, sin = self.rotary.cos_sin(shift, n, pre)
         assert self._k is not None
-        self._k[:, :, :n].copy_(self._rope(self._sink_pre[:, :, :n], pos).to(self._k.dtype))
+        self._k[:, :, :n].copy_(torch.addcmul(pre * cos, pre_half, sin))
         self._sink_shift = shift
 
     def _store_sinks(self, k: Tensor, first_pos: int, j0: int) -> None:
-        """Keep the un-rotated keys of new sink tokens (sink slots j0 ... j0 + len - 1)."""
+        """Keep the un-rotated keys of new sink tokens (sink slots j0 ... j0 + len - 1), and their
+        rotate-half, so that placing them at new positions each step is two multiply-adds."""
         if self.rotary is None:
             return
         work = torch.promote_types(k.dtype, torch.float32)
         if self._sink_pre is None:
             B, H, _, D = k.shape
             self._sink_pre = torch.zeros(B, H, self.sinks, D, dtype=work, device=k.device)
-        pos = torch.arange(k.shape[2], dtype=torch.long) + first_pos
-        self._sink_pre[:, :, j0 : j0 + k.shape[2]] = self._rope(k.to(work), pos, inverse=True)
+            self._sink_half = torch.zeros_like(self._sink_pre)
+        pre = self._rope(k.to(work), first_pos, inverse=True)
+        self._sink_pre[:, :, j0 : j0 + k.shape[2]] = pre
+        self._sink_half[:, :, j0 : j0 + k.shape[2]] = _rotate_half(pre)  # type: ignore[index]
         # the new slots hold the model's own rotation, at shift first_pos - j0; if older sinks were placed
         # at another shift, all are re-placed on the next step
         shift = first_pos - j0
@@ -396,9 +422,13 @@ class RingLayer(DynamicLayer):
             return
         # slots of the next s tokens: after the newest one, wrapping around the ring
         start = (self._head + self._fill) % W if self._fill == W else self._fill
-        slots = (torch.arange(s) + start) % W + S
-        self._k.index_copy_(2, slots.to(self._k.device), k)
-        self._v.index_copy_(2, slots.to(self._v.device), v)
+        if start + s <= W:  # no wrap: one slice write (every decode step)
+            self._k[:, :, S + start : S + start + s].copy_(k)
+            self._v[:, :, S + start : S + start + s].copy_(v)
+        else:
+            slots = (torch.arange(s) + start) % W + S
+            self._k.index_copy_(2, slots.to(self._k.device), k)
+            self._v.index_copy_(2, slots.to(self._v.device), v)
         overflow = max(0, self._fill + s - W)
         self._fill = min(W, self._fill + s)
         self._head = (self._head + overflow) % W

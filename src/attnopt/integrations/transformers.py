@@ -507,7 +507,7 @@ def make_cache(model: Any, kind: str = "growing", **options: Any) -> Any:
     """
     from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
-    from attnopt.cache.layers import GrowingLayer, PreallocatedLayer, RingLayer
+    from attnopt.cache.layers import GrowingLayer, PreallocatedLayer, RingLayer, SinkRotation
 
     if kind not in CACHE_KINDS:
         raise ValueError(f"kind={kind!r} is not a cache kind; use one of {sorted(CACHE_KINDS)}")
@@ -531,7 +531,7 @@ def make_cache(model: Any, kind: str = "growing", **options: Any) -> Any:
                 "make_cache(kind='static'): the model has no max_position_embeddings; pass max_length"
             )
     if kind == "streaming":
-        rotary = _find_rotary(model)
+        rotary = SinkRotation(_find_rotary(model))  # one table of sink positions per step for all layers
 
     layers = []
     for i, (lt, kw) in enumerate(zip(layer_types, layer_kwargs)):
