@@ -51,12 +51,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run exactly the goal measurements, print met / missed (ignores --preset/--n/--dtype/--mode/--peer)",
     )
+    p.add_argument(
+        "--generation",
+        action="store_true",
+        help="SmolLM2 decode ms/token with each KV cache (attnopt vs sdpa), streaming, perplexity",
+    )
+    p.add_argument("--context", type=int, default=8192, help="--generation: cached tokens (default 8192)")
+    p.add_argument("--steps", type=int, default=32, help="--generation: timed decode steps (default 32)")
+    p.add_argument(
+        "--stream-tokens",
+        type=int,
+        default=0,
+        help="--generation: tokens to stream (goal: 32768; default 0 = skip)",
+    )
+    p.add_argument(
+        "--ppl-tokens",
+        type=int,
+        default=0,
+        help="--generation: perplexity tokens (e.g. 2048; default 0 = skip)",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the JSON results to PATH")
     p.add_argument("--list", action="store_true", help="list the presets and exit")
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of `attnopt bench` (imports torch lazily)."""
+    if args.generation:
+        from .generation import run_generation
+
+        return run_generation(args)
     if args.goals:
         from .goals import run_goals
 
