@@ -307,3 +307,17 @@ def test_generate_command_streams_and_compares(smollm2, capsys):
     out = capsys.readouterr().out
     assert "attnopt streaming" in out and "DynamicCache + sdpa" in out and "4 sinks + window 16" in out
     assert "last 120 generated tokens" in out
+
+
+def test_readme_generation_snippet_runs(smollm2):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "make_cache" in b)
+    model, tok = smollm2
+    model.set_attn_implementation("attnopt")
+    scope = {"model": model, "batch": {**_chat(tok), "max_new_tokens": 4, "do_sample": False}}
+    with torch.no_grad():
+        exec(compile(block, "README.md", "exec"), scope)
+    assert scope["out"].shape[1] == scope["batch"]["input_ids"].shape[1] + 4
