@@ -11,24 +11,46 @@ from .backends.blockwise import BlockwiseBackend
 from .backends.reference import ReferenceBackend
 from .backends.sdpa import SdpaBackend
 from .backends.span import SpanBackend
+from .backends.splitkv import SplitKVBackend
 
-# Tie-break order. The reference supports every valid input, so backend="auto" never fails.
-PRIORITY: list[Backend] = [SdpaBackend(), SpanBackend(), BlockwiseBackend(), ReferenceBackend()]
+# Tie-break order. The reference supports every valid input, so backend="auto" never fails (except for
+# an explicit num_splits >= 2, which only a key-splitting backend runs: NoBackendError lists why).
+# splitkv comes first: its rank is 0 only where it is measured faster (or num_splits asks for it),
+# and a backend after a rank-0 one is never asked.
+PRIORITY: list[Backend] = [
+    SplitKVBackend(),
+    SdpaBackend(),
+    SpanBackend(),
+    BlockwiseBackend(),
+    ReferenceBackend(),
+]
 BACKENDS: dict[str, Backend] = {b.name: b for b in PRIORITY}
 
 
 class NoBackendError(NotImplementedError):
-    """A pinned backend cannot run the inputs; the message lists its reasons."""
+    """No backend (pinned, or any under "auto") can run the inputs; the message lists the reasons."""
+
+
+def not_supported_reasons(b: Backend, inputs: AttentionInputs) -> list[str]:
+    """b's own reasons, plus num_splits >= 2 for a backend that does not split the keys into chunks."""
+    r = b.not_supported_reasons(inputs)
+    n = inputs.num_splits
+    if n is not None and n >= 2 and not getattr(b, "splits_keys", False):
+        r.append(
+            f"num_splits={n}: this backend does not split the keys into chunks (it runs num_splits=None "
+            f"or 1; split-KV decode runs on 'splitkv')"
+        )
+    return r
 
 
 def reasons_by_backend(inputs: AttentionInputs) -> dict[str, list[str]]:
-    return {b.name: b.not_supported_reasons(inputs) for b in PRIORITY}
+    return {b.name: not_supported_reasons(b, inputs) for b in PRIORITY}
 
 
 def select(inputs: AttentionInputs, backend: str = "auto") -> Backend:
     if backend != "auto":
         chosen = BACKENDS[backend]
-        reasons = chosen.not_supported_reasons(inputs)
+        reasons = not_supported_reasons(chosen, inputs)
         if reasons:
             lines = "\n".join(f"  - {r}" for r in reasons)
             raise NoBackendError(
@@ -38,14 +60,20 @@ def select(inputs: AttentionInputs, backend: str = "auto") -> Backend:
         return chosen
     best, best_rank = None, float("inf")
     for b in PRIORITY:  # in tie-break order; ask a backend's reasons only while it could still win
-        if b.not_supported_reasons(inputs):
+        r = b.rank(inputs)  # cheap, metadata only; reasons may read the data (span's score bound)
+        if r >= best_rank:  # ties keep the first
             continue
-        r = b.rank(inputs)
-        if r < best_rank:
-            best, best_rank = b, r
-        if best_rank <= 0:  # ranks are >= 0 and ties keep the first: nothing later can win
+        if not_supported_reasons(b, inputs):
+            continue
+        best, best_rank = b, r
+        if best_rank <= 0:  # ranks are >= 0: nothing later can win
             break
     if best is not None:
         return best
-    table = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in reasons_by_backend(inputs).items())
-    raise AssertionError(f"no backend accepted valid inputs ({inputs.describe()}):\n{table}")
+    table = "\n".join(f"  - {n}: {'; '.join(r)}" for n, r in reasons_by_backend(inputs).items())
+    hint = (
+        "use num_splits=None or 1 (only decode-shaped calls split the keys; see attnopt.explain(...))"
+        if inputs.num_splits is not None and inputs.num_splits >= 2
+        else "see attnopt.explain(...)"
+    )
+    raise NoBackendError(f"no backend can run these inputs ({inputs.describe()}):\n{table}\nHINT: {hint}")

@@ -36,6 +36,9 @@ class AttentionInputs:
     sinks: Tensor | None
     dropout_p: float
     return_lse: bool
+    # Key chunks for split-KV decode (FlashAttention's num_splits): None = automatic, 1 = never split,
+    # n >= 2 = n chunks. Only backends that split the keys (splits_keys) accept n >= 2.
+    num_splits: int | None = None
 
     @property
     def B(self) -> int:
@@ -189,7 +192,23 @@ class AttentionInputs:
             parts.append(f"dropout_p={self.dropout_p}")
         if self.return_lse:
             parts.append("return_lse=True")
+        if self.num_splits is not None:
+            parts.append(f"num_splits={self.num_splits}")
         return ", ".join(parts)
+
+
+NUM_SPLITS_HINT = "None splits the keys automatically, 1 never splits them, n >= 2 uses n key chunks"
+
+
+def num_splits_problem(num_splits: object) -> tuple[type[Exception], str] | None:
+    """(exception type, message) if num_splits is not None or an int >= 1 (bool is not an int here)."""
+    if num_splits is None:
+        return None
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int):
+        return TypeError, f"num_splits must be an int or None, got {type(num_splits).__name__} {num_splits!r}"
+    if num_splits < 1:
+        return ValueError, f"num_splits={num_splits} must be >= 1 (or None)"
+    return None
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -247,6 +266,7 @@ def validate(
     return_lse: object = False,
     backend: object = "auto",
     backends: Collection[str] = (),
+    num_splits: object = None,
 ) -> AttentionInputs:
     """Check every argument of attention(); raise TypeError/ValueError before any compute."""
 
@@ -360,6 +380,10 @@ def validate(
             TypeError, f"return_lse must be a bool, got {type(return_lse).__name__}", "pass True or False"
         )
 
+    problem = num_splits_problem(num_splits)
+    if problem is not None:
+        raise fail(*problem, NUM_SPLITS_HINT)
+
     if scale is None:
         scale_f = 1.0 / math.sqrt(D)  # the HEAD dim, not the hidden size (see docs/theory.md)
     else:
@@ -416,7 +440,9 @@ def validate(
                     "a sink is a finite logit per head (-inf means no sink); +inf would take all the mass",
                 )
 
-    return AttentionInputs(q, k, v, mask_d, mods, similarity, scale_f, sinks, float(dropout_p), return_lse)
+    return AttentionInputs(
+        q, k, v, mask_d, mods, similarity, scale_f, sinks, float(dropout_p), return_lse, num_splits
+    )
 
 
 def _as_mask(mask: object, fail: Callable[..., Exception]) -> M.Mask | None:

@@ -4,7 +4,8 @@ Under ``torch.compile`` the Python dispatch of attention() (validation, data che
 span plans) cannot be traced: it branches on data and on Python objects. So while compiling, attention()
 calls one opaque operator, ``torch.ops.attnopt.attention``, whose implementation runs the eager
 attention() at run time, on real tensors. Masks and score modifiers are Python objects; they cross the
-operator boundary as a structure string plus lists of tensors, ints and floats, and are rebuilt inside.
+operator boundary as a structure string plus lists of tensors, ints and floats, and are rebuilt inside
+(``num_splits`` rides in the structure string too: '<mask> ; <score mods> ; <num_splits>').
 
 Autograd: the forward operator returns (out, lse); its registered backward calls a second operator,
 ``attnopt::attention_backward``, that recomputes the forward with autograd on and differentiates it
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from . import masks as M
 from . import mods as Mods
-from ._inputs import acc_dtype
+from ._inputs import NUM_SPLITS_HINT, acc_dtype, num_splits_problem
 
 # --------------------------------------------------------------------------- structure <-> objects
 
@@ -99,9 +100,9 @@ class _Encoder:
         raise TypeError(f"attnopt cannot pass a {type(m).__name__} score modifier through torch.compile")
 
 
-def _decode(spec: str, tensors: list[Tensor], ints: list[int], floats: list[float]) -> tuple[Any, Any]:
-    """The (mask, score_mod list) a structure string describes."""
-    mask_part, _, mods_part = spec.partition(";")
+def _decode(spec: str, tensors: list[Tensor], ints: list[int], floats: list[float]) -> tuple[Any, Any, Any]:
+    """The (mask, score_mod list, num_splits) a structure string describes."""
+    mask_part, mods_part, splits_part = [*spec.split(";"), "", ""][:3]
     tokens: Iterator[str] = iter(mask_part.split())
 
     def ref(token: str) -> Any:
@@ -146,11 +147,14 @@ def _decode(spec: str, tensors: list[Tensor], ints: list[int], floats: list[floa
         raise AssertionError(f"unknown score_mod token {tok!r}")
 
     m = mask() if mask_part.strip() else None
-    return m, [mod(t) for t in mods_part.split()] or None
+    num_splits = int(splits_part) if splits_part.strip() else None
+    return m, [mod(t) for t in mods_part.split()] or None, num_splits
 
 
-def encode(mask: object, score_mod: object) -> tuple[str, list[Tensor], list[int], list[float]]:
-    """(structure string, tensors, ints, floats) for attention()'s mask and score_mod arguments.
+def encode(
+    mask: object, score_mod: object, num_splits: object = None
+) -> tuple[str, list[Tensor], list[int], list[float]]:
+    """(structure string, tensors, ints, floats) for attention()'s mask, score_mod and num_splits.
 
     Accepts what attention() accepts (descriptors, bool tensors, FlexAttention-style functions); what
     is wrong with them is reported when the operator runs, by the same validate() as in eager mode.
@@ -167,6 +171,12 @@ def encode(mask: object, score_mod: object) -> tuple[str, list[Tensor], list[int
     )
     mods = [m if isinstance(m, Mods.ScoreMod) else Mods.custom(m) for m in items]
     spec = (enc.mask(mask) if mask is not None else "") + " ; " + " ".join(enc.mod(m) for m in mods)
+    problem = num_splits_problem(num_splits)
+    if problem is not None:  # the message validate() gives, raised while tracing
+        kind, msg = problem
+        raise kind(f"{msg}\nHINT: {NUM_SPLITS_HINT}")
+    if num_splits is not None:
+        spec += f" ; {int(num_splits)}"  # type: ignore[call-overload]
     return spec, enc.tensors, enc.ints, enc.floats
 
 
@@ -217,7 +227,7 @@ def _run(
     """The eager attention() on rebuilt arguments; the same RNG stream for the forward and its recompute."""
     from .api import attention
 
-    mask, mods = _decode(spec, tensors, ints, floats)
+    mask, mods, num_splits = _decode(spec, tensors, ints, floats)
     rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
     with rng:
         if seed is not None:
@@ -234,6 +244,7 @@ def _run(
             dropout_p=dropout_p,
             return_lse=return_lse,
             backend=backend,
+            num_splits=num_splits,
         )
     return res if return_lse else (res, q.new_empty(0, dtype=torch.float32))
 
@@ -437,9 +448,10 @@ def compiled_attention(
     dropout_p: float,
     return_lse: bool,
     backend: str,
+    num_splits: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """attention() while torch.compile traces: one operator node; the eager dispatch runs inside it."""
-    spec, tensors, ints, floats = encode(mask, score_mod)
+    spec, tensors, ints, floats = encode(mask, score_mod, num_splits)
     grad = torch.is_grad_enabled() and any(
         isinstance(t, Tensor) and t.requires_grad for t in (q, k, v, sinks, *tensors)
     )

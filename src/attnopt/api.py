@@ -16,14 +16,15 @@ from .mods import ScoreMod
 # The decode hot path: calls with no mask, modifier or sinks (one per layer per generated token) skip
 # validate() + select() when an identical call signature (shapes, dtypes, devices and every scalar
 # argument) was validated before; never with gradients, where the data decides (huge scores). Both
-# depend on nothing else for such calls, so the answer is the same; this cuts ~20 us of the ~45 us
-# Python cost per call (measured on the 2-core CPU machine).
+# depend on nothing else for such calls (and on the thread count, which splitkv's automatic split
+# reads), so the answer is the same; this cuts ~20 us of the ~45 us Python cost per call (measured on
+# the 2-core CPU machine).
 _PLAIN: dict[tuple, tuple[Any, float]] = {}
 _PLAIN_MAX = 256
 
 
 def _plain_key(
-    q, k, v, mask, score_mod, sinks, similarity, scale, dropout_p, return_lse, backend
+    q, k, v, mask, score_mod, sinks, similarity, scale, dropout_p, return_lse, backend, num_splits
 ) -> tuple | None:
     if mask is not None or score_mod is not None or sinks is not None:
         return None
@@ -51,6 +52,9 @@ def _plain_key(
             dropout_p,
             return_lse,
             backend,
+            type(num_splits),
+            num_splits,
+            torch.get_num_threads(),
         )
         hash(key)
     except TypeError:  # an unhashable argument: let validate() say what is wrong with it
@@ -59,7 +63,7 @@ def _plain_key(
 
 
 def _validate(
-    q, k, v, mask, score_mod, similarity, scale, sinks, dropout_p, return_lse, backend
+    q, k, v, mask, score_mod, similarity, scale, sinks, dropout_p, return_lse, backend, num_splits
 ) -> AttentionInputs:
     return validate(
         q,
@@ -74,6 +78,7 @@ def _validate(
         return_lse=return_lse,
         backend=backend,
         backends=_dispatch.BACKENDS,
+        num_splits=num_splits,
     )
 
 
@@ -94,6 +99,7 @@ def attention(
     dropout_p: float = 0.0,
     return_lse: bool = False,
     backend: str = "auto",
+    num_splits: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Exact attention ``softmax(scale · sim(q, k) + mods, masked) @ v``.
 
@@ -118,6 +124,15 @@ def attention(
             (sink included), shape (B, Hq, Sq), float32 (float64 for float64 inputs).
         backend: "auto" (the fastest backend that supports the inputs; see explain()) or a name from
             available_backends(); a pinned backend never falls back silently.
+        num_splits: split-KV decode (flash-decoding), as FlashAttention's / torch varlen's num_splits.
+            None (default): automatic; decode-shaped calls (G·Sq <= 16 query rows per kv head, no mask or
+            a key-only one, inference) may cut the keys into chunks computed in parallel and merged
+            exactly by their log-sum-exp, where that is measured faster; the choice depends only on
+            shapes, dtype and torch.get_num_threads(), never on data. 1: never split the keys. n >= 2:
+            n chunks of Sk // n keys (the last takes the remainder; at most Sk chunks). With 1 or n, a
+            decode call runs on 'splitkv' and is batch-invariant: each row gives the same bits whatever
+            else is in the batch. Only 'splitkv' splits: inputs it cannot run with n >= 2 (prefill,
+            other masks, gradients, score modifiers) raise NotImplementedError listing the reasons.
 
     Returns:
         out (B, Hq, Sq, Dv) in the input dtype, or (out, lse) with return_lse=True. Scores and softmax
@@ -130,7 +145,8 @@ def attention(
 
     Raises:
         TypeError / ValueError: invalid input, before any compute, naming the argument and the value.
-        NotImplementedError: a pinned backend cannot run these inputs (the message lists why).
+        NotImplementedError: a pinned backend cannot run these inputs, or num_splits >= 2 was asked of
+            a call no key-splitting backend runs (the message lists why).
     """
     kwargs = {
         "mask": mask,
@@ -141,6 +157,7 @@ def attention(
         "dropout_p": dropout_p,
         "return_lse": return_lse,
         "backend": backend,
+        "num_splits": num_splits,
     }
     amp = _autocast_dtype(q, k, v)
     if amp is not None:  # like F.scaled_dot_product_attention: run in the autocast dtype, whatever backend
@@ -148,13 +165,19 @@ def attention(
             return attention(q.to(amp), k.to(amp), v.to(amp), **kwargs)
     if torch.compiler.is_compiling():  # one opaque operator in the graph; this dispatch runs inside it
         return _op.compiled_attention(q, k, v, **kwargs)
-    key = _plain_key(q, k, v, mask, score_mod, sinks, similarity, scale, dropout_p, return_lse, backend)
+    key = _plain_key(
+        q, k, v, mask, score_mod, sinks, similarity, scale, dropout_p, return_lse, backend, num_splits
+    )
     hit = _PLAIN.get(key) if key is not None else None
     if hit is not None:  # seen before: same metadata, so validation and selection give the same answer
         chosen, scale_f = hit
-        inputs = AttentionInputs(q, k, v, None, (), similarity, scale_f, None, float(dropout_p), return_lse)
+        inputs = AttentionInputs(
+            q, k, v, None, (), similarity, scale_f, None, float(dropout_p), return_lse, num_splits
+        )
     else:
-        inputs = _validate(q, k, v, mask, score_mod, similarity, scale, sinks, dropout_p, return_lse, backend)
+        inputs = _validate(
+            q, k, v, mask, score_mod, similarity, scale, sinks, dropout_p, return_lse, backend, num_splits
+        )
         if inputs.empty:  # no backend runs; a pinned one still says if it could not have run the call
             if backend != "auto":
                 _dispatch.select(inputs, backend)
@@ -187,6 +210,7 @@ def explain(
     dropout_p: float = 0.0,
     return_lse: bool = False,
     backend: str = "auto",
+    num_splits: int | None = None,
 ) -> str:
     """Say which backend attention() with the same arguments runs, how, and why each other one does not.
 
@@ -196,10 +220,13 @@ def explain(
     if amp is not None:
         kwargs = {"mask": mask, "score_mod": score_mod, "similarity": similarity, "scale": scale}
         kwargs |= {"sinks": sinks, "dropout_p": dropout_p, "return_lse": return_lse, "backend": backend}
+        kwargs |= {"num_splits": num_splits}
         with torch.autocast(q.device.type, enabled=False):
             text = explain(q.to(amp), k.to(amp), v.to(amp), **kwargs)
         return f"under torch.autocast: q, k, v are cast to {amp} (as F.scaled_dot_product_attention)\n{text}"
-    inputs = _validate(q, k, v, mask, score_mod, similarity, scale, sinks, dropout_p, return_lse, backend)
+    inputs = _validate(
+        q, k, v, mask, score_mod, similarity, scale, sinks, dropout_p, return_lse, backend, num_splits
+    )
     lines = [f"attnopt.attention({inputs.describe()})"]
     if inputs.empty:
         lines.append(
@@ -213,9 +240,12 @@ def explain(
         lines.append(f"-> runs on '{chosen}'" + (" (pinned)" if backend != "auto" else ""))
     except _dispatch.NoBackendError:
         chosen = None
-        lines.append(
-            f"-> backend={backend!r} is pinned and cannot run these inputs (attention() would raise)"
-        )
+        if backend != "auto":
+            lines.append(
+                f"-> backend={backend!r} is pinned and cannot run these inputs (attention() would raise)"
+            )
+        else:
+            lines.append("-> no backend can run these inputs (attention() would raise NotImplementedError)")
     width = max(len(n) for n in reasons)
     for b in _dispatch.PRIORITY:
         r = reasons[b.name]
