@@ -63,6 +63,12 @@ CASES = {
     "document_alibi": lambda q, k, v, **kw: ao.attention(
         q, k, v, **kw, mask=ao.document([0, 7, 20]), score_mod=am.alibi(am.alibi_slopes(HQ))
     ),
+    "cache_causal_window": lambda q, k, v, **kw: ao.attention(
+        q, k, v, **kw, mask=ao.cache_causal(LENGTHS, left=6)
+    ),
+    "document_causal": lambda q, k, v, **kw: ao.attention(
+        q, k, v, **kw, mask=ao.document_causal([0, 7, 20], [0, 10, 20])
+    ),
     "prefix_lm_or_window": lambda q, k, v, **kw: ao.attention(
         q, k, v, **kw, mask=ao.prefix_lm(4) | ao.sliding_window(2)
     ),

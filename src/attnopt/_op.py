@@ -82,6 +82,11 @@ class _Encoder:
         if isinstance(m, M.document):
             ck = "-" if m.cu_seqlens_k is None else self.tensor(m.cu_seqlens_k)
             return f"document:{self.tensor(m.cu_seqlens)}:{ck}"
+        if isinstance(m, M.cache_causal):
+            left = "-" if m.left is None else self.int(m.left)
+            return f"cache_causal:{self.tensor(m.kv_lengths)}:{left}"
+        if isinstance(m, M.document_causal):
+            return f"document_causal:{self.tensor(m.cu_seqlens_q)}:{self.tensor(m.cu_seqlens_k)}"
         if isinstance(m, M.dense):
             return f"dense:{self.tensor(m.mask)}"
         if isinstance(m, M.custom):
@@ -128,6 +133,10 @@ def _decode(spec: str, tensors: list[Tensor], ints: list[int], floats: list[floa
             return M.left_padding(ref(args[0]))
         if name == "document":
             return M.document(ref(args[0]), None if args[1] == "-" else ref(args[1]))
+        if name == "cache_causal":
+            return M.cache_causal(ref(args[0]), left=None if args[1] == "-" else ref(args[1]))
+        if name == "document_causal":
+            return M.document_causal(ref(args[0]), ref(args[1]))
         if name == "dense":
             return M.dense(ref(args[0]))
         if name == "custom":
