@@ -475,8 +475,11 @@ def run(
     # 4. What ran, in attnopt's own words (the prefill and decode calls of one layer).
     cfg = llm.config
     Hq, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
-    q = torch.empty(1, Hq, prefill_tokens, D)
-    k = torch.empty(1, Hkv, prefill_tokens, D)
+    # Real values, not torch.empty: dispatch reads the data (masked-out NaN, huge scores), and
+    # uninitialized memory made explain() report the blockwise fallback for garbage.
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, Hq, prefill_tokens, D, generator=g)
+    k = torch.randn(1, Hkv, prefill_tokens, D, generator=g)
     console.print("\n[bold]attnopt.explain()[/bold] for one layer's prefill and decode calls:")
     for text in (
         ao.explain(q, k, k, mask=ao.causal()),
