@@ -142,6 +142,39 @@ def _int_tensor(name: str, value: Tensor | Sequence[int]) -> Tensor:
     return t.to(torch.long)
 
 
+def _cu_tensor(label: str, value: object) -> Tensor:
+    """A cu_seqlens argument (tensor or list of ints) as a 1-D int64 tensor."""
+    if not isinstance(value, (Tensor, list, tuple)):
+        raise TypeError(
+            f"{label} must be a 1-D int tensor or a list of ints, got {type(value).__name__} {value!r}"
+        )
+    return _int_tensor(label, value)
+
+
+def _cu_lists(mask: str, named: Sequence[tuple[str, Tensor]]) -> list[list[int]]:
+    """cu_seqlens tensors as checked Python lists: each starts at 0 and never decreases, and all
+    describe the same number of documents (one host read each)."""
+    out = []
+    for name, t in named:
+        if t.device.type == "meta":
+            raise ValueError(
+                f"{mask} {name} is on meta: it holds no values (pass it on q's device or the CPU)"
+            )
+        lst = t.tolist()
+        if not lst or lst[0] != 0:
+            raise ValueError(f"{mask} {name}={lst} must start at 0")
+        if any(b < a for a, b in itertools.pairwise(lst)):
+            raise ValueError(f"{mask} {name}={lst} must be non-decreasing")
+        out.append(lst)
+    (n0, l0), (n1, l1) = (named[0][0], out[0]), (named[-1][0], out[-1])
+    if len(l1) != len(l0):
+        raise ValueError(
+            f"{mask} {n0} ({len(l0) - 1} documents) and {n1} ({len(l1) - 1} documents) must describe the "
+            f"same number of documents"
+        )
+    return out
+
+
 class Mask:
     """Base of all mask descriptors."""
 
@@ -595,40 +628,22 @@ class document(Mask):
     cu_seqlens_k: Tensor | None = None
 
     def __post_init__(self):
-        for name in ("cu_seqlens", "cu_seqlens_k"):
-            value = getattr(self, name)
-            if value is None and name == "cu_seqlens_k":
-                continue
-            if not isinstance(value, (Tensor, list, tuple)):
-                raise TypeError(f"document {name} must be a 1-D int tensor or a list of ints, got {value!r}")
-            object.__setattr__(self, name, _int_tensor(f"document {name}", value))
+        object.__setattr__(self, "cu_seqlens", _cu_tensor("document cu_seqlens", self.cu_seqlens))
+        if self.cu_seqlens_k is not None:
+            object.__setattr__(self, "cu_seqlens_k", _cu_tensor("document cu_seqlens_k", self.cu_seqlens_k))
         if not torch.compiler.is_compiling():  # while tracing, the values are checked when the op runs
             self._lists()
 
     def _lists(self) -> tuple[list[int], list[int]]:
         """cu_seqlens and cu_seqlens_k as Python lists (read once, checked), for tile classification."""
         cached = self.__dict__.get("_lists_cache")
-        if cached is not None:
-            return cached
-        out = []
-        for name in ("cu_seqlens", "cu_seqlens_k"):
-            t = getattr(self, name)
-            if t is None:
-                out.append(out[0])
-                continue
-            lst = t.tolist()
-            if not lst or lst[0] != 0:
-                raise ValueError(f"document {name}={lst} must start at 0")
-            if any(b < a for a, b in itertools.pairwise(lst)):
-                raise ValueError(f"document {name}={lst} must be non-decreasing")
-            out.append(lst)
-        if len(out[1]) != len(out[0]):
-            raise ValueError(
-                f"document cu_seqlens ({len(out[0]) - 1} documents) and cu_seqlens_k "
-                f"({len(out[1]) - 1} documents) must describe the same number of documents"
-            )
-        cached = (out[0], out[1])
-        object.__setattr__(self, "_lists_cache", cached)
+        if cached is None:
+            named = [("cu_seqlens", self.cu_seqlens)]
+            if self.cu_seqlens_k is not None:
+                named.append(("cu_seqlens_k", self.cu_seqlens_k))
+            lists = _cu_lists("document", named)
+            cached = (lists[0], lists[-1])
+            object.__setattr__(self, "_lists_cache", cached)
         return cached
 
     @property
@@ -705,13 +720,7 @@ class document_causal(Mask):
 
     def __post_init__(self):
         for name in ("cu_seqlens_q", "cu_seqlens_k"):
-            value = getattr(self, name)
-            if not isinstance(value, (Tensor, list, tuple)):
-                raise TypeError(
-                    f"document_causal {name} must be a 1-D int tensor or a list of ints, "
-                    f"got {type(value).__name__} {value!r}"
-                )
-            object.__setattr__(self, name, _int_tensor(f"document_causal {name}", value))
+            object.__setattr__(self, name, _cu_tensor(f"document_causal {name}", getattr(self, name)))
         if not torch.compiler.is_compiling():  # while tracing, the values are checked when the op runs
             self._lists()
 
@@ -719,30 +728,12 @@ class document_causal(Mask):
         """cu_seqlens_q, cu_seqlens_k as Python lists (read once, checked) and the documents with both
         queries and keys (sorted), for O(log documents) tile classification."""
         cached = self.__dict__.get("_lists_cache")
-        if cached is not None:
-            return cached
-        out = []
-        for name in ("cu_seqlens_q", "cu_seqlens_k"):
-            t = getattr(self, name)
-            if t.device.type == "meta":
-                raise ValueError(
-                    f"document_causal {name} is on meta: it holds no values (pass it on q's device or the CPU)"
-                )
-            lst = t.tolist()
-            if not lst or lst[0] != 0:
-                raise ValueError(f"document_causal {name}={lst} must start at 0")
-            if any(b < a for a, b in itertools.pairwise(lst)):
-                raise ValueError(f"document_causal {name}={lst} must be non-decreasing")
-            out.append(lst)
-        cq, ck = out
-        if len(cq) != len(ck):
-            raise ValueError(
-                f"document_causal cu_seqlens_q ({len(cq) - 1} documents) and cu_seqlens_k "
-                f"({len(ck) - 1} documents) must describe the same number of documents"
-            )
-        live = [d for d in range(len(cq) - 1) if cq[d + 1] > cq[d] and ck[d + 1] > ck[d]]
-        cached = (cq, ck, live)
-        object.__setattr__(self, "_lists_cache", cached)
+        if cached is None:
+            named = [("cu_seqlens_q", self.cu_seqlens_q), ("cu_seqlens_k", self.cu_seqlens_k)]
+            cq, ck = _cu_lists("document_causal", named)
+            live = [d for d in range(len(cq) - 1) if cq[d + 1] > cq[d] and ck[d + 1] > ck[d]]
+            cached = (cq, ck, live)
+            object.__setattr__(self, "_lists_cache", cached)
         return cached
 
     def _span(self, d: int, q0: int, q1: int) -> tuple[int, int] | None:
