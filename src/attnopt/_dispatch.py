@@ -31,26 +31,14 @@ class NoBackendError(NotImplementedError):
     """No backend (pinned, or any under "auto") can run the inputs; the message lists the reasons."""
 
 
-def not_supported_reasons(b: Backend, inputs: AttentionInputs) -> list[str]:
-    """b's own reasons, plus num_splits >= 2 for a backend that does not split the keys into chunks."""
-    r = b.not_supported_reasons(inputs)
-    n = inputs.num_splits
-    if n is not None and n >= 2 and not getattr(b, "splits_keys", False):
-        r.append(
-            f"num_splits={n}: this backend does not split the keys into chunks (it runs num_splits=None "
-            f"or 1; split-KV decode runs on 'splitkv')"
-        )
-    return r
-
-
 def reasons_by_backend(inputs: AttentionInputs) -> dict[str, list[str]]:
-    return {b.name: not_supported_reasons(b, inputs) for b in PRIORITY}
+    return {b.name: b.not_supported_reasons(inputs) for b in PRIORITY}
 
 
 def select(inputs: AttentionInputs, backend: str = "auto") -> Backend:
     if backend != "auto":
         chosen = BACKENDS[backend]
-        reasons = not_supported_reasons(chosen, inputs)
+        reasons = chosen.not_supported_reasons(inputs)
         if reasons:
             lines = "\n".join(f"  - {r}" for r in reasons)
             raise NoBackendError(
@@ -63,7 +51,7 @@ def select(inputs: AttentionInputs, backend: str = "auto") -> Backend:
         r = b.rank(inputs)  # cheap, metadata only; reasons may read the data (span's score bound)
         if r >= best_rank:  # ties keep the first
             continue
-        if not_supported_reasons(b, inputs):
+        if b.not_supported_reasons(inputs):
             continue
         best, best_rank = b, r
         if best_rank <= 0:  # ranks are >= 0: nothing later can win

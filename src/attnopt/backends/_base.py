@@ -29,6 +29,8 @@ class Backend:
     # torch's fused kernels misread some strides (see _inputs.kernel_layout_problem): attention() copies
     # the inputs such a backend would misread, and explain() says so.
     dense_rows: ClassVar[bool] = False
+    # Splits the keys into chunks (split-KV decode): only such a backend accepts num_splits >= 2.
+    splits_keys: ClassVar[bool] = False
 
     @classmethod
     def is_available(cls) -> bool:
@@ -57,6 +59,12 @@ class Backend:
             r.append("sinks are not supported")
         if inputs.similarity not in self.similarities:
             r.append(f"similarity={inputs.similarity!r} is not one of {sorted(self.similarities)}")
+        n = inputs.num_splits
+        if n is not None and n >= 2 and not self.splits_keys:
+            r.append(
+                f"num_splits={n}: this backend does not split the keys into chunks (it runs num_splits=None "
+                f"or 1; split-KV decode runs on 'splitkv')"
+            )
         return r
 
     def rank(self, inputs: AttentionInputs) -> float:

@@ -221,7 +221,7 @@ class SplitKVBackend(Backend):
     supports_dropout: ClassVar[bool] = False
     similarities: ClassVar[frozenset[str]] = frozenset({"dot", "cosine"})
     dense_rows: ClassVar[bool] = True
-    splits_keys: ClassVar[bool] = True  # accepts num_splits >= 2 (the dispatcher refuses it for the others)
+    splits_keys: ClassVar[bool] = True  # accepts num_splits >= 2 (Backend refuses it for the others)
 
     @classmethod
     def is_available(cls) -> bool:
