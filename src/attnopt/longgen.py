@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .bench.generation import _prompt_ids, _rss_mib
+from .bench.generation import docs_ids, rss_mib
 
 __all__ = ["run"]
 
@@ -68,7 +68,7 @@ def _stream(
             times.append((time.perf_counter() - t) * 1e3)
             out.append(token)
             if i + 1 in marks:
-                at[i + 1] = {"ms_per_token": statistics.median(times[-128:]), "rss_mib": _rss_mib()}
+                at[i + 1] = {"ms_per_token": statistics.median(times[-128:]), "rss_mib": rss_mib()}
             if i % 16 == 0 or i + 1 == n:
                 ms = statistics.median(times[-64:])
                 past = " [green]past the model's context[/]" if pos >= context else ""
@@ -77,7 +77,7 @@ def _stream(
                     completed=i + 1,
                     info=f"{1e3 / ms:6.1f} tok/s  {ms:6.1f} ms/token  position {pos}  "
                     f"cache {cache.get_seq_length() if hasattr(cache, 'get_seq_length') else '?'} seen  "
-                    f"RSS {_rss_mib():.0f} MiB{past}",
+                    f"RSS {rss_mib():.0f} MiB{past}",
                 )
     return out, at
 
@@ -102,7 +102,7 @@ def run(
     console.print("[bold]attnopt generate[/]: SmolLM2-135M-Instruct (fp32) streaming past its context")
     model, tok = demo.load_smollm2("attnopt")
     context = int(model.config.max_position_embeddings)
-    ids = _prompt_ids(tok, prompt_tokens)
+    ids = docs_ids(tok, prompt_tokens)
     console.print(
         f"prompt: {prompt_tokens} tokens of Python's documentation; {new_tokens} new tokens "
         f"(context {context}); streaming cache: {sinks} sinks + window {window}; "

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -26,19 +25,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["run_generation"]
+from .measure import rss_bytes
+
+__all__ = ["docs_ids", "rss_mib", "run_generation"]
 
 
-def _rss_mib() -> float:
-    """Current resident set size in MiB (Linux /proc; peak RSS from getrusage elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-    except OSError:  # pragma: no cover - non-Linux
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def rss_mib() -> float:
+    """Current resident set size in MiB."""
+    return rss_bytes() / 2**20
 
 
-def _prompt_ids(tok: Any, n: int) -> torch.Tensor:
+def docs_ids(tok: Any, n: int) -> torch.Tensor:
     """n token ids of real English text (Python's own documentation, shipped with the interpreter)."""
     import pydoc_data.topics as topics
 
@@ -98,7 +95,7 @@ def bench_decode(model: Any, tok: Any, context: int, steps: int, log: Callable[[
 
     from attnopt.integrations.transformers import make_cache
 
-    ids = _prompt_ids(tok, context)[None]
+    ids = docs_ids(tok, context)[None]
     log(f"prefill {context} tokens once (attnopt, growing cache) ...")
     model.set_attn_implementation("attnopt")
     pre = make_cache(model, "growing")
@@ -139,7 +136,7 @@ def bench_streaming(model: Any, tok: Any, n_tokens: int, sinks: int, window: int
 
     model.set_attn_implementation("attnopt")
     cache = make_cache(model, "streaming", sinks=sinks, window=window)
-    ids = _prompt_ids(tok, 64)[None]
+    ids = docs_ids(tok, 64)[None]
     marks = sorted({m for m in (4096, 8192, 16384, n_tokens) if m <= n_tokens})
     out: dict[str, Any] = {"sinks": sinks, "window": window, "tokens": n_tokens, "at": {}}
     with torch.no_grad():
@@ -156,9 +153,9 @@ def bench_streaming(model: Any, tok: Any, n_tokens: int, sinks: int, window: int
             times.append((time.perf_counter() - t) * 1e3)
             if i + 1 in marks:
                 recent = times[-256:]
-                out["at"][i + 1] = {"ms_per_token": statistics.median(recent), "rss_mib": _rss_mib()}
+                out["at"][i + 1] = {"ms_per_token": statistics.median(recent), "rss_mib": rss_mib()}
                 log(
-                    f"  streamed {i + 1:6d} tokens: {out['at'][i + 1]['ms_per_token']:.2f} ms/token, RSS {_rss_mib():.0f} MiB"
+                    f"  streamed {i + 1:6d} tokens: {out['at'][i + 1]['ms_per_token']:.2f} ms/token, RSS {rss_mib():.0f} MiB"
                 )
         # The same cache stepped at position 4096 and at the end, alternating: a sequential run's marks
         # are minutes apart on a shared machine, this pair is not (the cache's size is the same either way).
@@ -182,7 +179,7 @@ def bench_perplexity(model: Any, tok: Any, n_tokens: int, window: int, sinks: in
     from attnopt.integrations.transformers import make_cache
 
     model.set_attn_implementation("attnopt")
-    ids = _prompt_ids(tok, n_tokens)
+    ids = docs_ids(tok, n_tokens)
 
     def ppl(cache: Any) -> float:
         nll = 0.0

@@ -125,20 +125,16 @@ class GrowingLayer(DynamicLayer):
         self._k, self._v = new_k, new_v
         self.keys, self.values = new_k[:, :, :n], new_v[:, :, :n]
 
-    def _grow(self, n: int, need: int) -> None:
-        assert self._k is not None and self._v is not None
-        self._allocate(self._k, self._v, n, need)
-
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = self._filled()
         _check_states(self, key_states, value_states, self._k, self._v)
         s = key_states.shape[2]
-        if self._k is None:
+        if self._k is None or self._v is None:  # the first update: key_states give the buffer's shape
             self._allocate(key_states, value_states, 0, s)
-        elif n + s > self._k.shape[2]:
-            self._grow(n, n + s)
+        elif n + s > self._k.shape[2]:  # full: a larger buffer, the filled prefix copied once
+            self._allocate(self._k, self._v, n, n + s)
         assert self._k is not None and self._v is not None
         self._k[:, :, n : n + s].copy_(key_states)
         self._v[:, :, n : n + s].copy_(value_states)
@@ -285,17 +281,17 @@ class RingLayer(DynamicLayer):
         return kv_length, self._seen + query_length - kv_length
 
     def _returned_length(self, s: int) -> int:
-        if s == 1 and not self._in_place(1) and not self._ordered:
-            return self.sinks + self.window  # steady decode: one slot overwritten, the whole buffer
+        if self._ring_decode(s):
+            return self.sinks + self.window  # one slot overwritten, the whole buffer returned
         return self._n_sinks + self._fill + s
 
     def _in_place(self, s: int) -> bool:
-        """The new tokens fit in order after the filled prefix, nothing evicted yet."""
-        return (
-            self._head == 0
-            and self._seen + s <= self.sinks + self.window
-            and self._seen == (self._n_sinks + self._fill)
-        )
+        """The new tokens fit in order after the filled prefix: nothing evicted yet, nor by them."""
+        return self._seen == self._n_sinks + self._fill and self._seen + s <= self.sinks + self.window
+
+    def _ring_decode(self, s: int) -> bool:
+        """A steady decode step: one token into the full ring, the buffer returned in slot order."""
+        return s == 1 and not self._ordered and not self._in_place(1)
 
     def reset(self) -> None:
         self._clear()
@@ -350,13 +346,12 @@ class RingLayer(DynamicLayer):
             )
         return int(pos[0, 0])
 
-    def _rope(self, x: Tensor, first: int, inverse: bool = False) -> Tensor:
-        """Rotate x (B, H, L, D) to positions first, ..., first + L - 1 (or undo that rotation)."""
+    def _unrotate(self, x: Tensor, first: int) -> Tensor:
+        """Undo the model's rotation of x (B, H, L, D) at positions first, ..., first + L - 1:
+        R(-θ)·x / scaling² (cos² + sin² = scaling²)."""
         assert self.rotary is not None
         cos, sin = self.rotary.cos_sin(first, x.shape[2], x)
-        if inverse:  # R(-θ)·x / scaling² (cos² + sin² = scaling²)
-            return (x * cos - _rotate_half(x) * sin) / (cos * cos + sin * sin)
-        return x * cos + _rotate_half(x) * sin
+        return (x * cos - _rotate_half(x) * sin) / (cos * cos + sin * sin)
 
     def _place_sinks(self, shift: int) -> None:
         """Sink j rotated to absolute position j + shift: distance c_q - j from a query at c_q + shift."""
@@ -379,7 +374,7 @@ class RingLayer(DynamicLayer):
             B, H, _, D = k.shape
             self._sink_pre = torch.zeros(B, H, self.sinks, D, dtype=work, device=k.device)
             self._sink_half = torch.zeros_like(self._sink_pre)
-        pre = self._rope(k.to(work), first_pos, inverse=True)
+        pre = self._unrotate(k.to(work), first_pos)
         self._sink_pre[:, :, j0 : j0 + k.shape[2]] = pre
         self._sink_half[:, :, j0 : j0 + k.shape[2]] = _rotate_half(pre)  # type: ignore[index]
         # the new slots hold the model's own rotation, at shift first_pos - j0; if older sinks were placed
@@ -442,7 +437,7 @@ class RingLayer(DynamicLayer):
         s = key_states.shape[2]
         t0 = self._first_position(s, kwargs.get("kwargs", kwargs))
         S = self.sinks
-        if s == 1 and not self._in_place(1) and not self._ordered:
+        if self._ring_decode(s):
             # decode: one slot written in place (the oldest window token), the buffer returned in slot order
             self._append(key_states, value_states, t0)
             self._seen += 1

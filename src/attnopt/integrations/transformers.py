@@ -152,19 +152,16 @@ def hf_mask_to_attnopt(
     rule: M.Mask | _Full | None = (
         _structured(parts, q_length, kv_length) if aligned and parts is not None else None
     )
-    used = kv_length
     if rule is None and parts is not None and 0 <= q_offset - kv_offset < kv_length - q_length:
         # A preallocated buffer (StaticCache): keys past the newest query are slots not written yet.
         # Causal rules never keep them: causal aligned to the filled length, never read past it.
-        used = q_offset - kv_offset + q_length
-        rule = _prefix_rule(parts, batch_size, used)
+        rule = _prefix_rule(parts, batch_size, q_offset - kv_offset + q_length)
     if rule is None:
         if use_vmap:  # a rule transformers itself only evaluates element by element: use its dense mask
             return M.dense(
                 _hf_dense(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask)
             )
         rule = M.custom(_offset_rule(mask_function, q_offset, kv_offset))
-        used = kv_length
     pad = _padding_part(attention_mask, kv_length, kv_offset)
     if pad is None:
         return rule
@@ -427,8 +424,8 @@ def attention_forward(
         mask = None
     elif isinstance(attention_mask, M.Mask):
         mask = attention_mask
-        used, mask = _filled_prefix(mask, Sq, key.shape[2])
-        if used < key.shape[2]:  # a preallocated buffer: never read the slots past the filled length
+        used, mask = _filled_prefix(mask, Sq, Sk)
+        if used < Sk:  # a preallocated buffer: never read the slots past the filled length
             key, value = key[:, :, :used], value[:, :, :used]
     elif attention_mask is None:
         # No mask function ran (a model that builds no mask): causality comes from the module.
@@ -484,14 +481,11 @@ def attention_weights(q: Tensor, k: Tensor, **kwargs: Any) -> Tensor:
 
 # ----------------------------------------------------------------------------------------- caches
 
-# kind -> (its options with their defaults, one line for errors and docs)
-CACHE_KINDS: dict[str, tuple[dict[str, Any], str]] = {
-    "growing": ({"initial": 256, "growth": 2.0}, "amortized doubling, returns views: no per-step copy"),
-    "static": ({"max_length": None}, "one buffer of max_length tokens (default: the model's context)"),
-    "streaming": (
-        {"sinks": 4, "window": 1024},
-        "sinks first tokens + a ring of the window most recent ones (StreamingLLM): runs past the context",
-    ),
+# kind -> its options with their defaults
+CACHE_KINDS: dict[str, dict[str, Any]] = {
+    "growing": {"initial": 256, "growth": 2.0},
+    "static": {"max_length": None},  # None: the model's max_position_embeddings
+    "streaming": {"sinks": 4, "window": 1024},
 }
 
 
@@ -511,7 +505,7 @@ def make_cache(model: Any, kind: str = "growing", **options: Any) -> Any:
 
     if kind not in CACHE_KINDS:
         raise ValueError(f"kind={kind!r} is not a cache kind; use one of {sorted(CACHE_KINDS)}")
-    defaults, _ = CACHE_KINDS[kind]
+    defaults = CACHE_KINDS[kind]
     unknown = sorted(set(options) - set(defaults))
     if unknown:
         raise TypeError(
