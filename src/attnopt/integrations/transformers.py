@@ -417,6 +417,14 @@ def attention_forward(
     **kwargs: Any,
 ) -> tuple[Tensor, Tensor | None]:
     """transformers' attention-function signature on attnopt: (B, Sq, Hq, Dv) contiguous, weights|None."""
+    paged = kwargs.get("attnopt_paged")
+    if paged is not None:  # a step of attnopt.serving: keys and values live in its paged pool
+        if softcap or s_aux is not None or output_attentions or kwargs.get("sliding_window"):
+            raise NotImplementedError(
+                "attnopt.serving's paged attention does not run softcap, sinks (s_aux), sliding windows "
+                "or output_attentions yet"
+            )
+        return paged.attend(module, query, key, value, scaling), None
     Sq, Sk = query.shape[2], key.shape[2]
     mask: M.Mask | None
     mods: list[Mods.ScoreMod] = []
