@@ -291,6 +291,28 @@ class PagePool:
         self._seqs[child].length = s.length
         return child
 
+    def unshare(self, seq: int) -> int:
+        """Give ``seq`` private copies of every page it shares (all at once, as one run when possible).
+
+        Returns the number of pages copied. Benchmarks use it to lay distinct sequences out as if each
+        had been prefilled on its own; generation never needs it (writes copy on demand).
+        """
+        s = self._get(seq)
+        shared = [i for i, p in enumerate(s.pages) if self._ref[p] > 1]
+        self._ensure_free(len(shared))
+        prev = None
+        for i in shared:
+            old = s.pages[i]
+            new = self._pick(prev, len(shared))
+            self._take(new)
+            self.k[:, :, new].copy_(self.k[:, :, old])
+            self.v[:, :, new].copy_(self.v[:, :, old])
+            s.pages[i] = new
+            self._release(old)
+            prev = new
+        self.pages_copied += len(shared)
+        return len(shared)
+
     def truncate(self, seq: int, length: int) -> None:
         """Drop tokens past ``length`` (pages no longer needed lose this sequence's reference)."""
         s = self._get(seq)
