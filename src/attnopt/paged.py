@@ -31,8 +31,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .merge import merge
-
 __all__ = ["PagedPlan", "paged_attention"]
 
 
@@ -140,6 +138,10 @@ class PagedPlan:
                 own = torch.tensor(pg, dtype=torch.int64)[pos // P] * P + pos % P
             spans = tuple(self._spans(pg, start, past_len[r]))
             self.work.append(_Work(r, rows[r], m, spans, own, gi))
+        prefix_parts = [len(self.groups[w.prefix].spans) if w.prefix >= 0 else 0 for w in self.work]
+        self.max_parts = max(
+            (n + len(w.past) + (w.own is not None) for n, w in zip(prefix_parts, self.work)), default=1
+        )
 
     def _shared_prefixes(
         self, pages: list[list[int]], past_len: list[int], cascade: bool, min_shared: int
@@ -221,36 +223,50 @@ class PagedPlan:
         kf = k.reshape(Hkv, N * P, D)  # views: the pool is contiguous
         vf = v.reshape(Hkv, N * P, Dv)
         scale = D**-0.5 if scale is None else float(scale)
-        out = q.new_empty(T, Hq, Dv)
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        lse = torch.empty(T, Hq, dtype=lse_dtype, device=q.device)
         q = q.contiguous()
-        shared = [self._group_part(gr, q, kf, vf, g, scale, pages) for gr in self.groups]
+        K = self.max_parts
+        if K == 1:  # every row has one part (one run, no cascade): write it in place, no merge
+            out = q.new_empty(T, Hq, Dv)
+            lse = torch.empty(T, Hq, dtype=lse_dtype, device=q.device)
+        else:  # part j of every row goes to slab j; one merge over the slabs for the whole batch
+            out = torch.zeros(K, T, Hq, Dv, dtype=lse_dtype, device=q.device)
+            lse = torch.full((K, T, Hq), float("-inf"), dtype=lse_dtype, device=q.device)
+        for gr in self.groups:  # all members' queries against their shared prefix: parts 0 .. n-1
+            M = gr.rows.numel()
+            qg = q.index_select(0, gr.rows).view(M, Hkv, g, D).transpose(0, 1).reshape(1, Hkv, M * g, D)
+            for j, (start, n, contiguous) in enumerate(gr.spans):
+                ks, vs = self._span(kf, vf, start, n, contiguous, gr.members[0], pages)
+                o, s = _unfold(*_part(qg, ks, vs, scale, False), M, Hkv, g)
+                out[j].index_copy_(0, gr.rows, o.to(lse_dtype))
+                lse[j].index_copy_(0, gr.rows, s.to(lse_dtype))
         for w in self.work:
-            parts: list[tuple[Tensor, Tensor]] = []
-            if w.prefix >= 0:  # the shared prefix's parts, in key order (fixed split: the same cuts)
-                group_parts, offsets = shared[w.prefix]
-                p0 = offsets[w.seq]
-                parts.extend((go[p0 : p0 + w.m], gl[p0 : p0 + w.m]) for go, gl in group_parts)
-            qr = q[w.row : w.row + w.m]  # (m, Hq, D)
+            rows = slice(w.row, w.row + w.m)
+            j = len(self.groups[w.prefix].spans) if w.prefix >= 0 else 0
+            qr = q[rows]  # (m, Hq, D)
             if w.past:
                 qf = qr.view(w.m, Hkv, g, D).transpose(0, 1).reshape(1, Hkv, w.m * g, D)  # (1, Hkv, m*g, D)
                 for start, n, contiguous in w.past:
                     ks, vs = self._span(kf, vf, start, n, contiguous, w.seq, pages)
-                    o, s = _part(qf, ks, vs, scale, False)
-                    parts.append(_unfold(o, s, w.m, Hkv, g))
+                    o, s = _unfold(*_part(qf, ks, vs, scale, False), w.m, Hkv, g)
+                    if K == 1:
+                        out[rows], lse[rows] = o, s
+                    else:
+                        out[j, rows], lse[j, rows] = o, s
+                    j += 1
             if w.own is not None:
                 ko = kf.index_select(1, w.own).repeat_interleave(g, dim=0).unsqueeze(0)  # (1, Hq, m, D)
                 vo = vf.index_select(1, w.own).repeat_interleave(g, dim=0).unsqueeze(0)
                 o, s = _part(qr.transpose(0, 1).unsqueeze(0), ko, vo, scale, True)
-                parts.append((o[0].transpose(0, 1), s[0].transpose(0, 1)))  # (m, Hq, Dv), (m, Hq)
-            if len(parts) == 1:
-                o, s = parts[0]
-            else:
-                o, s = merge([p[0] for p in parts], [p[1] for p in parts])
-            out[w.row : w.row + w.m] = o
-            lse[w.row : w.row + w.m] = s
-        return out, lse
+                o, s = o[0].transpose(0, 1), s[0].transpose(0, 1)  # (m, Hq, Dv), (m, Hq)
+                if K == 1:
+                    out[rows], lse[rows] = o, s
+                else:
+                    out[j, rows], lse[j, rows] = o, s
+        if K == 1:
+            return out, lse
+        out, lse = _merge_slabs(out, lse)
+        return out.to(q.dtype), lse
 
     def _span(self, kf, vf, start, n, contiguous, seq, pages):
         if contiguous:
@@ -264,17 +280,23 @@ class PagedPlan:
         slots = torch.tensor(pages[seq], dtype=torch.int64)[pos // P] * P + pos % P
         return kf.index_select(1, slots).unsqueeze(0), vf.index_select(1, slots).unsqueeze(0)
 
-    def _group_part(self, gr: _Group, q: Tensor, kf, vf, g: int, scale: float, pages):
-        """Every member's queries against the shared prefix: ([(out (rows, Hq, Dv), lse) per span], offsets)."""
-        Hkv, D = kf.shape[0], q.shape[-1]
-        M = gr.rows.numel()
-        qg = q.index_select(0, gr.rows).view(M, Hkv, g, D).transpose(0, 1).reshape(1, Hkv, M * g, D)
-        parts = []
-        for start, n, contiguous in gr.spans:
-            ks, vs = self._span(kf, vf, start, n, contiguous, gr.members[0], pages)
-            o, s = _part(qg, ks, vs, scale, False)
-            parts.append(_unfold(o, s, M, Hkv, g))
-        return parts, gr.offsets
+
+def _merge_slabs(out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge parts stacked on dim 0 (out (K, T, Hq, Dv), lse (K, T, Hq); unused slots: lse -inf, out 0).
+
+    Sums run over the parts in order, one at a time, so unused trailing slots add exact zeros: a row's
+    result does not depend on how many slots other rows needed (the fixed-split invariance rests on it).
+    """
+    m = lse.max(dim=0).values
+    m = torch.where(torch.isinf(m), 0.0, m)  # a row with no part at all (cannot happen) stays 0, not NaN
+    total = None
+    acc = None
+    for j in range(lse.shape[0]):
+        w = torch.exp(lse[j] - m)  # (T, Hq); exactly 0 for unused slots
+        term = out[j] * w.unsqueeze(-1)
+        total = w if total is None else total + w
+        acc = term if acc is None else acc + term
+    return acc / total.unsqueeze(-1), m + torch.log(total)
 
 
 def _unfold(o: Tensor, s: Tensor, m: int, Hkv: int, g: int) -> tuple[Tensor, Tensor]:

@@ -392,7 +392,7 @@ class Engine:
                 input_ids=torch.tensor([ids], device=self.device),
                 position_ids=torch.tensor([pos], device=self.device),
                 use_cache=False,
-                logits_to_keep=torch.tensor(keep, device=self.device),
+                logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device),
                 attnopt_paged=batch,
             )
         logits = out.logits[0].float()  # (len(keep), V)
