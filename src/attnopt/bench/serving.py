@@ -5,8 +5,8 @@ Three measurements, each a ratio against a peer measured in the same run (a benc
 1. **Decode step, R requests x C-token contexts** (default 16 x 4096): one engine step while every request
    decodes, against transformers ``generate_batch`` + sdpa (``serving_peers.peer_decode_step``). Both
    prefill one shared text prefix once (the prefill of 16 distinct 4K contexts would take ~10 minutes per
-   system on this box); then attnopt gives every request private copies of its pages
-   (``PagePool.unshare``) and runs without cascade, so its step reads R distinct caches, as with R
+   system on this box); then attnopt moves every request into private copies of its pages, one run each
+   (``PagePool.relocate``, as if each had been prefilled alone) and runs without cascade, so its step reads R distinct caches, as with R
    distinct prompts. transformers gathers every cached token of every request each step anyway.
 2. **Shared prefix** (default 32 requests x (8192 shared + 256 own) tokens): decode step with cascade
    against the same engine without cascade, steps interleaved; and time to first token of a request
@@ -52,7 +52,7 @@ def _timed_steps(engine: Engine, n: int) -> list[float]:
 
 
 def ours_decode_step(model: Any, prompts: list[list[int]], steps: int, log: Log) -> dict[str, Any]:
-    """attnopt: R requests decoding over private (unshared) pages, cascade off; median step time."""
+    """attnopt: R requests decoding over private pages (one run each), cascade off; median step time."""
     tokens = sum(len(p) for p in prompts) + len(prompts) * (steps + 4)
     engine = _engine(
         # room for the shared prompt pages (kept by the prefix cache) and every request's private copy
@@ -68,14 +68,14 @@ def ours_decode_step(model: Any, prompts: list[list[int]], steps: int, log: Log)
     t0 = time.perf_counter()
     _run_until_decoding(engine)
     log(f"  attnopt prefill done in {time.perf_counter() - t0:.1f} s")
-    copied = sum(engine.pool.unshare(r.seq) for r in engine.running)
+    copied = sum(engine.pool.relocate(r.seq) for r in engine.running)
     kv = sum(engine.pool.length(r.seq) for r in engine.running)
     times = _timed_steps(engine, steps)
     return {
         "step_s": statistics.median(times),
         "steps": times,
         "kv_tokens": kv,
-        "pages_unshared": copied,
+        "pages_relocated": copied,
         "requests_decoding": len(engine.running),
     }
 

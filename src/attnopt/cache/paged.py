@@ -47,6 +47,7 @@ def _int(name: str, value: object, minimum: int) -> int:
 class _Seq:
     pages: list[int] = field(default_factory=list)
     length: int = 0
+    reserved: list[int] = field(default_factory=list)  # pages set aside for this sequence, used in order
 
 
 class PagePool:
@@ -132,7 +133,7 @@ class PagePool:
 
     @property
     def free_pages(self) -> int:
-        """Pages not referenced by any sequence or the prefix cache."""
+        """Pages not referenced by any sequence or the prefix cache, and not reserved."""
         return self._n_free
 
     @property
@@ -229,12 +230,36 @@ class PagePool:
         s.pages = list(pages)
         s.length = tokens
 
+    def reserve(self, seq: int, n_pages: int) -> None:
+        """Set ``n_pages`` pages aside for ``seq``'s future tokens, as one run when the pool has one.
+
+        Its appends use them first, in order, so the sequence stays one contiguous run however requests
+        interleave; later appends cannot fail for lack of pages while reserved ones remain. Unused
+        reserved pages go back to the pool with ``free``. Raises ``PoolFull`` (nothing changed) when the
+        pages are not there even after evicting unreferenced cached pages.
+        """
+        s = self._get(seq)
+        n_pages = _int("n_pages", n_pages, 0)
+        self._ensure_free(n_pages)
+        after = s.reserved[-1] if s.reserved else (s.pages[-1] if s.pages else None)
+        for i in range(n_pages):
+            page = self._pick(after, n_pages - i)
+            self._free[page] = 0
+            self._n_free -= 1
+            s.reserved.append(page)
+            after = page
+
+    def reserved(self, seq: int) -> int:
+        """Pages set aside for ``seq`` and not used yet."""
+        return len(self._get(seq).reserved)
+
     def append(self, seq: int, n: int, *, run_hint: int = 0) -> Tensor:
         """Make room for ``n`` new tokens of ``seq``; return their flat slots (int64, (n,)).
 
-        Takes new pages as needed (extending the sequence's last run when it can); copies the last page
-        first if it is shared (copy-on-write). Raises ``PoolFull`` before changing anything if the
-        pages are not there. ``run_hint`` asks for that many contiguous pages when starting a new run.
+        Uses the sequence's reserved pages first, then takes free pages (extending its last run when it
+        can). Copies the last page first if it is shared (copy-on-write). Raises ``PoolFull`` before
+        changing anything if the pages are not there. ``run_hint`` asks for that many contiguous pages
+        when a new run starts.
         """
         s = self._get(seq)
         n = _int("n", n, 0)
@@ -243,13 +268,18 @@ class PagePool:
         room = (P - fill) % P if s.pages else 0
         new_pages = self.pages_for(max(0, n - room))
         cow = room > 0 and n > 0 and self._ref[s.pages[-1]] > 1
-        self._ensure_free(new_pages + int(cow))
+        from_free = max(0, new_pages + int(cow) - len(s.reserved))
+        self._ensure_free(from_free)
         if cow:
             self._copy_on_write(s)
         want = max(new_pages, run_hint)
         for _ in range(new_pages):
-            page = self._pick(s.pages[-1] if s.pages else None, want)
-            self._take(page)
+            if s.reserved:
+                page = s.reserved.pop(0)
+                self._ref[page] = 1
+            else:
+                page = self._pick(s.pages[-1] if s.pages else None, want)
+                self._take(page)
             s.pages.append(page)
             want -= 1
         start = s.length
@@ -258,8 +288,12 @@ class PagePool:
 
     def _copy_on_write(self, s: _Seq) -> None:
         old = s.pages[-1]
-        new = self._pick(s.pages[-2] if len(s.pages) > 1 else None, 1)
-        self._take(new)
+        if s.reserved:
+            new = s.reserved.pop(0)
+            self._ref[new] = 1
+        else:
+            new = self._pick(s.pages[-2] if len(s.pages) > 1 else None, 1)
+            self._take(new)
         self.k[:, :, new].copy_(self.k[:, :, old])
         self.v[:, :, new].copy_(self.v[:, :, old])
         s.pages[-1] = new
@@ -291,27 +325,44 @@ class PagePool:
         self._seqs[child].length = s.length
         return child
 
-    def unshare(self, seq: int) -> int:
-        """Give ``seq`` private copies of every page it shares (all at once, as one run when possible).
+    def relocate(self, seq: int) -> int:
+        """Move ``seq`` into one fresh contiguous run: copies of all its pages, then its reservation.
 
-        Returns the number of pages copied. Benchmarks use it to lay distinct sequences out as if each
-        had been prefilled on its own; generation never needs it (writes copy on demand).
+        Shared pages stay with their other owners; the sequence gets private copies. Returns the number
+        of pages copied. Benchmarks use it to lay sequences out as if each had been prefilled alone;
+        generation never needs it (writes into shared pages copy on demand). Raises ``PoolFull`` with
+        nothing changed when the pool cannot hold the copies.
         """
         s = self._get(seq)
-        shared = [i for i, p in enumerate(s.pages) if self._ref[p] > 1]
-        self._ensure_free(len(shared))
-        prev = None
-        for i in shared:
-            old = s.pages[i]
-            new = self._pick(prev, len(shared))
-            self._take(new)
-            self.k[:, :, new].copy_(self.k[:, :, old])
-            self.v[:, :, new].copy_(self.v[:, :, old])
-            s.pages[i] = new
-            self._release(old)
-            prev = new
-        self.pages_copied += len(shared)
-        return len(shared)
+        n, total = len(s.pages), len(s.pages) + len(s.reserved)
+        if total - len(s.reserved) > self.available_pages():
+            raise PoolFull(
+                f"relocate: sequence {seq} needs {n} more pages; the pool has {self.available_pages()}"
+            )
+        for p in s.reserved:  # its reservation moves too: give it back, then take the new run
+            self._free[p] = 1
+            self._n_free += 1
+            heapq.heappush(self._heap, p)
+        s.reserved = []
+        self._ensure_free(total)
+        new, after = [], None
+        for i in range(total):
+            page = self._pick(after, total - i)
+            self._free[page] = 0
+            self._n_free -= 1
+            new.append(page)
+            after = page
+        old = torch.tensor(s.pages, dtype=torch.int64, device=self.k.device)
+        dst = torch.tensor(new[:n], dtype=torch.int64, device=self.k.device)
+        self.k.index_copy_(2, dst, self.k.index_select(2, old))
+        self.v.index_copy_(2, dst, self.v.index_select(2, old))
+        for p in s.pages:
+            self._release(p)
+        for p in new[:n]:
+            self._ref[p] = 1
+        s.pages, s.reserved = new[:n], new[n:]
+        self.pages_copied += n
+        return n
 
     def truncate(self, seq: int, length: int) -> None:
         """Drop tokens past ``length`` (pages no longer needed lose this sequence's reference)."""
@@ -331,6 +382,10 @@ class PagePool:
             raise KeyError(f"sequence {seq!r} is not in the pool (freed twice, or never created)")
         for p in s.pages:
             self._release(p)
+        for p in s.reserved:
+            self._free[p] = 1
+            self._n_free += 1
+            heapq.heappush(self._heap, p)
 
     # ----------------------------------------------------------------------------------- page tables
 
@@ -362,17 +417,21 @@ class PagePool:
     def check(self) -> None:
         """Internal consistency (tests): every reference is accounted for, free pages are unreferenced."""
         refs = [0] * self.num_pages
+        held = set()
         for s in self._seqs.values():
             assert len(s.pages) == self.pages_for(s.length), (len(s.pages), s.length)
             for p in s.pages:
                 refs[p] += 1
+            for p in s.reserved:
+                assert p not in held and not self._free[p] and self._ref[p] == 0, f"reserved page {p}"
+                held.add(p)
         if self.prefix_cache is not None:
             for p in self.prefix_cache.pages():
                 refs[p] += 1
         assert refs == self._ref, "reference counts disagree with the sequences and the prefix cache"
         free = [i for i in range(self.num_pages) if self._free[i]]
         assert all(self._ref[i] == 0 for i in free) and len(free) == self._n_free
-        assert all(self._ref[i] > 0 for i in range(self.num_pages) if not self._free[i])
+        assert all(self._ref[i] > 0 or i in held for i in range(self.num_pages) if not self._free[i])
 
 
 class _Node:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..cache.paged import PagePool, PrefixCache
+from ..cache.paged import PagePool, PoolFull, PrefixCache
 from ..paged import PagedPlan
 
 __all__ = ["Engine", "Request", "TokenEvent", "generate_batch", "parse_bytes", "stream"]
@@ -82,7 +82,6 @@ class _Live:
     seq: int = -1
     done: int = 0  # prompt tokens whose keys are in the pool
     out: list[int] = field(default_factory=list)
-    reserved: int = 0  # pages reserved for the whole request (prompt + max_new_tokens)
     cached: int = 0  # prompt tokens served by the prefix cache
     submitted: float = 0.0
     first_token: float | None = None
@@ -194,10 +193,8 @@ class Engine:
             )
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         layer_types = getattr(text, "layer_types", None) or []
-        if (
-            any(t != "full_attention" for t in layer_types)
-            or (getattr(text, "sliding_window", None)
-            and getattr(text, "use_sliding_window", True))
+        if any(t != "full_attention" for t in layer_types) or (
+            getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True)
         ):
             raise NotImplementedError(
                 f"attnopt.serving runs full-attention layers; this model has {sorted(set(layer_types)) or 'sliding-window'} "
@@ -310,11 +307,8 @@ class Engine:
 
     # ----------------------------------------------------------------------------------- scheduling
 
-    def _outstanding(self) -> int:
-        """Pages reserved by running requests and not yet taken."""
-        return sum(max(0, r.reserved - len(self.pool.pages(r.seq))) for r in self.running)
-
     def _admit(self) -> list[TokenEvent]:
+        """Start waiting requests, in order, while the pool can reserve every page each will need."""
         events = []
         while self.waiting:
             r = self.waiting[0]
@@ -324,25 +318,20 @@ class Engine:
                 continue
             total = len(r.prompt) + r.req.max_new_tokens
             cached = self.prefix.match(r.prompt, limit=len(r.prompt) - 1) if self.prefix is not None else []
-            need = self.pool.pages_for(total) - len(cached)
-            # Pages a cached prefix holds are not free for others while we use them: count only the
-            # evictable pages we do not take.
-            avail = self.pool.free_pages + (
-                self.pool.evictable_pages() - sum(1 for p in cached if self.pool.refcount(p) == 1)
-            )
-            if need > avail - self._outstanding():
-                if not self.running and need > avail:
-                    raise RuntimeError(  # cannot happen after submit's check unless the pool is shared
-                        f"request {r.id!r} needs {need} pages and the idle pool has {avail}"
-                    )
-                break
+            seq = self.pool.new_sequence()
+            if cached:  # referenced first, so the reservation below cannot evict them
+                self.pool.attach(seq, cached, len(cached) * self.pool.page_size)
+            try:
+                self.pool.reserve(seq, self.pool.pages_for(total) - len(cached))
+            except PoolFull:
+                self.pool.free(seq)
+                if not self.running:  # cannot happen after submit()'s check unless the pool is shared
+                    raise
+                break  # queue: it starts when running requests give pages back
             self.waiting.popleft()
-            r.seq = self.pool.new_sequence()
-            if cached:
-                self.pool.attach(r.seq, cached, len(cached) * self.pool.page_size)
-                r.done = r.cached = len(cached) * self.pool.page_size
-                self.cached_tokens += r.cached
-            r.reserved = self.pool.pages_for(total)
+            r.seq = seq
+            r.done = r.cached = len(cached) * self.pool.page_size
+            self.cached_tokens += r.cached
             self.running.append(r)
         return events
 
