@@ -1,4 +1,4 @@
-"""`attnopt demo | variants | info | bench`: the command-line face of the library."""
+"""`attnopt demo | generate | serve | variants | info | bench`: the command-line face of the library."""
 
 from __future__ import annotations
 
@@ -45,6 +45,28 @@ def generate(args: argparse.Namespace) -> int:
         compare=args.compare,
         temperature=args.temperature,
         threads=args.threads,
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    """A file of prompts through the continuous batching engine, live tokens/s and KV pool use."""
+    from attnopt.serving.cli import run
+
+    return run(
+        _console(),
+        args.prompts_file,
+        max_new_tokens=args.max_new_tokens,
+        memory_budget=args.memory_budget,
+        page_size=args.page_size,
+        max_batch_tokens=args.max_batch_tokens,
+        cascade=args.cascade,
+        prefix_caching=args.prefix_cache,
+        out=args.out,
+        temperature=args.temperature,
+        seed=args.seed,
+        threads=args.threads,
+        model=args.model,
+        chat=args.chat,
     )
 
 
@@ -114,6 +136,14 @@ def info(args: argparse.Namespace) -> int:
 def bench(args: argparse.Namespace) -> int:
     """Time attnopt against SDPA, compiled FlexAttention and eager PyTorch (see attnopt.bench)."""
     _console()  # a clear exit when rich is missing
+    if args.serving:
+        try:
+            from attnopt.bench.serving import run_serving
+        except ModuleNotFoundError as e:
+            if e.name != "attnopt.bench.serving":
+                raise
+            sys.exit("attnopt bench --serving: attnopt.bench.serving is not in this installation yet")
+        return run_serving(args)
     from attnopt.bench import run
 
     return run(args)
@@ -127,6 +157,64 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (0 = greedy), got {text}")
+    return value
+
+
+def _serving_bench_arguments(p: argparse.ArgumentParser) -> None:
+    """`attnopt bench --serving` and its options (attnopt.bench.serving.run_serving reads them)."""
+    p.add_argument(
+        "--serving",
+        action="store_true",
+        help="batched serving on SmolLM2: decode step, shared prefix (cascade), end to end, vs transformers",
+    )
+    p.add_argument(
+        "--serving-requests",
+        type=_positive,
+        default=16,
+        help="--serving: requests of the decode-step measurement (default 16)",
+    )
+    p.add_argument(
+        "--serving-context",
+        type=_positive,
+        default=4096,
+        help="--serving: tokens of each request's context in the decode-step measurement (default 4096)",
+    )
+    p.add_argument(
+        "--serving-steps", type=_positive, default=8, help="--serving: timed decode steps (default 8)"
+    )
+    p.add_argument(
+        "--cascade-requests",
+        type=_positive,
+        default=32,
+        help="--serving: requests sharing the prefix (default 32)",
+    )
+    p.add_argument(
+        "--cascade-prefix",
+        type=_positive,
+        default=8192,
+        help="--serving: shared prefix tokens (default 8192)",
+    )
+    p.add_argument(
+        "--cascade-own",
+        type=_positive,
+        default=256,
+        help="--serving: each request's own tokens after the prefix (default 256)",
+    )
+    p.add_argument(
+        "--serving-e2e",
+        type=int,
+        default=64,
+        help="--serving: requests of the mixed end-to-end workload (default 64; 0 = skip)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,6 +258,72 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 = greedy (0.8)")
     p.add_argument("--threads", type=_positive, default=2, help="torch threads (2)")
     p.set_defaults(fn=generate)
+    p = sub.add_parser(
+        "serve",
+        help="run a file of prompts through the continuous batching engine (live tokens/s, KV pool use)",
+        description="Serve every prompt of PROMPTS_FILE at once with attnopt.serving's continuous batching "
+        "engine (paged KV pool, prefix cache, cascade attention) on SmolLM2-135M-Instruct fp32 (or --model), "
+        "with a live display of tokens/s, requests and KV pool use, then a summary.",
+    )
+    p.add_argument(
+        "prompts_file",
+        metavar="PROMPTS_FILE",
+        help='JSON lines, one request a line: {"prompt": "text"} or {"prompt_ids": [...]}, optional '
+        '"max_new_tokens" and "id"; or plain text, one prompt a line',
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=_positive,
+        default=64,
+        metavar="N",
+        help="tokens to generate for lines without their own max_new_tokens (64)",
+    )
+    p.add_argument(
+        "--memory-budget",
+        metavar="BYTES",
+        default=None,
+        help="KV pool size, e.g. 2GiB or 512MiB (default: a quarter of the available memory)",
+    )
+    p.add_argument("--page-size", type=_positive, default=16, metavar="N", help="tokens per KV page (16)")
+    p.add_argument(
+        "--max-batch-tokens",
+        type=_positive,
+        default=512,
+        metavar="N",
+        help="tokens per engine step: decode tokens first, then prompt chunks (512)",
+    )
+    p.add_argument(
+        "--no-cascade",
+        dest="cascade",
+        action="store_false",
+        help="no cascade: each request reads the pages it shares with others by itself",
+    )
+    p.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        help="do not reuse the KV pages of earlier prompts' shared prefixes",
+    )
+    p.add_argument(
+        "--temperature",
+        type=_temperature,
+        default=0.0,
+        metavar="T",
+        help="sampling temperature, 0 = greedy (0)",
+    )
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="request i samples with seed S + i (0)")
+    p.add_argument("--chat", action="store_true", help="wrap text prompts in the tokenizer's chat template")
+    p.add_argument(
+        "--model", metavar="PATH", default=None, help="a local Hugging Face model folder (default: SmolLM2)"
+    )
+    p.add_argument("--threads", type=_positive, default=2, metavar="N", help="torch threads (2)")
+    p.add_argument(
+        "--out",
+        metavar="FILE",
+        default=None,
+        help="write the completions as JSON lines (default: print a few)",
+    )
+    p.set_defaults(fn=serve)
     p = sub.add_parser("variants", help="the attention variants on random tensors against the float64 oracle")
     p.add_argument("--seq", type=_positive, default=1024, help="sequence length (default 1024)")
     p.set_defaults(fn=variants)
@@ -178,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("bench", help="time attnopt against SDPA, FlexAttention and eager PyTorch")
     bench_arguments(p)
+    _serving_bench_arguments(p)
     p.set_defaults(fn=bench)
     args = parser.parse_args(argv)
     return args.fn(args)
