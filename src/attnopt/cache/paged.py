@@ -102,6 +102,7 @@ class PagePool:
         self._next_id = 0
         self.prefix_cache: PrefixCache | None = None  # set by PrefixCache(pool): evicted when pages run out
         self.pages_copied = 0  # copy-on-write page copies so far
+        self.peak_used_pages = 0  # most pages in use (referenced or reserved) at any time
 
     # ------------------------------------------------------------------------------------- geometry
 
@@ -174,6 +175,7 @@ class PagePool:
         self._free[page] = 0
         self._ref[page] = 1
         self._n_free -= 1
+        self.peak_used_pages = max(self.peak_used_pages, self.num_pages - self._n_free)
 
     def _release(self, page: int) -> None:
         self._ref[page] -= 1
@@ -248,6 +250,7 @@ class PagePool:
             self._n_free -= 1
             s.reserved.append(page)
             after = page
+        self.peak_used_pages = max(self.peak_used_pages, self.num_pages - self._n_free)
 
     def reserved(self, seq: int) -> int:
         """Pages set aside for ``seq`` and not used yet."""

@@ -249,6 +249,7 @@ class Engine:
             eos = getattr(text, "eos_token_id", None)
         self.eos = frozenset([eos] if isinstance(eos, int) else (eos or []))
         self.vocab = text.vocab_size
+        self.finished: dict[Any, dict[str, Any]] = {}  # id -> prompt/cached/generated tokens, reason, times
         self.waiting: deque[_Live] = deque()
         self.running: list[_Live] = []
         self._count = 0
@@ -297,6 +298,12 @@ class Engine:
                 f"({self.pool.num_pages * self.pool.page_bytes / 2**20:.0f} MiB). HINT: raise memory_budget"
             )
         rid = req.id if req.id is not None else self._count
+        try:
+            hash(rid)
+        except TypeError:
+            raise ValueError(f"Request.id={rid!r} must be hashable") from None
+        if rid in self.finished or any(x.id == rid for x in (*self.waiting, *self.running)):
+            raise ValueError(f"Request.id={rid!r} is already in use by this engine")
         gen = None
         if req.do_sample:
             gen = torch.Generator(device="cpu")
@@ -308,16 +315,26 @@ class Engine:
     # ----------------------------------------------------------------------------------- scheduling
 
     def _admit(self) -> list[TokenEvent]:
-        """Start waiting requests, in order, while the pool can reserve every page each will need."""
-        events = []
+        """Start waiting requests, in order, while the pool can reserve every page each will need.
+
+        A request whose prompt shares full pages, past what the prefix cache holds, with a request still
+        prefilling them waits (in place) for those pages instead of computing them a second time.
+        """
+        events: list[TokenEvent] = []
+        deferred: list[_Live] = []
         while self.waiting:
             r = self.waiting[0]
             if r.req.max_new_tokens == 0:  # nothing to generate: no compute, no pages
                 self.waiting.popleft()
                 events.append(TokenEvent(r.id, 0, None, True, "length"))
+                self.finished[r.id] = {"prompt_tokens": len(r.prompt), "cached_tokens": 0, "tokens": 0,
+                                       "reason": "length", "ttft_s": None, "latency_s": time.perf_counter() - r.submitted}  # fmt: skip
                 continue
             total = len(r.prompt) + r.req.max_new_tokens
             cached = self.prefix.match(r.prompt, limit=len(r.prompt) - 1) if self.prefix is not None else []
+            if self._shares_pending(r, len(cached) * self.pool.page_size):
+                deferred.append(self.waiting.popleft())  # its prefix is being prefilled: wait for the pages
+                continue
             seq = self.pool.new_sequence()
             if cached:  # referenced first, so the reservation below cannot evict them
                 self.pool.attach(seq, cached, len(cached) * self.pool.page_size)
@@ -333,7 +350,25 @@ class Engine:
             r.done = r.cached = len(cached) * self.pool.page_size
             self.cached_tokens += r.cached
             self.running.append(r)
+        self.waiting.extendleft(reversed(deferred))
         return events
+
+    def _shares_pending(self, r: _Live, cached_tokens: int) -> bool:
+        """Whether a running request is prefilling full pages that ``r``'s prompt starts with."""
+        if self.prefix is None:
+            return False
+        P = self.pool.page_size
+        usable = (len(r.prompt) - 1) // P * P  # the last prompt token is always computed
+        if usable <= cached_tokens:
+            return False
+        nxt = r.prompt[cached_tokens : cached_tokens + P]
+        return any(
+            a.prefilling
+            and a.done < cached_tokens + P <= len(a.prompt)
+            and a.prompt[cached_tokens : cached_tokens + P] == nxt
+            and a.prompt[:cached_tokens] == r.prompt[:cached_tokens]
+            for a in self.running
+        )
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -391,8 +426,8 @@ class Engine:
             if r.prefilling:
                 r.done += n
                 self.prefill_tokens += n
-                if not r.prefilling and self.prefix is not None:  # the prompt's full pages join the cache
-                    self.prefix.insert(r.prompt, self.pool.pages(r.seq))
+                if self.prefix is not None:  # the prompt's full pages written so far join the cache
+                    self.prefix.insert(r.prompt[: r.done], self.pool.pages(r.seq))
         now = time.perf_counter()
         for row, r in enumerate(owners):
             tok = self._sample(logits[row], r)
@@ -402,6 +437,14 @@ class Engine:
             reason = "stop" if tok in r.stop else "length" if len(r.out) >= r.req.max_new_tokens else None
             events.append(TokenEvent(r.id, len(r.out) - 1, tok, reason is not None, reason))
             if reason is not None:
+                self.finished[r.id] = {
+                    "prompt_tokens": len(r.prompt),
+                    "cached_tokens": r.cached,
+                    "tokens": len(r.out),
+                    "reason": reason,
+                    "ttft_s": r.first_token - r.submitted,
+                    "latency_s": now - r.submitted,
+                }
                 self.pool.free(r.seq)
                 self.running.remove(r)
         return events
@@ -436,6 +479,7 @@ class Engine:
             "running": len(self.running),
             "waiting": len(self.waiting),
             "pages_used": self.pool.used_pages,
+            "pages_peak": self.pool.peak_used_pages,
             "pages_total": self.pool.num_pages,
             "pages_cached": len(self.prefix) if self.prefix is not None else 0,
             "steps": self.steps,
