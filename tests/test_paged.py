@@ -546,7 +546,7 @@ BAD = {  # name -> (change to the good inputs, exception, message pattern naming
     "more_queries_than_keys": (
         lambda a: a.update(q=torch.randn(7, 4, 8), qo_indptr=_i32(0, 6, 7)),
         ValueError,
-        r"sequence 0 has 6 queries but only 5 keys",
+        r"qo_indptr gives sequence 0 6 queries but the page table gives it only 5 keys",
     ),
     "split_not_multiple": (lambda a: a.update(split_size=6), ValueError, r"split_size=6"),
     "split_bool": (lambda a: a.update(split_size=True), ValueError, r"split_size=True"),

@@ -42,7 +42,11 @@ def _flash_cpu(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> t
 
 def _part(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
     """(1, H, M, D) x (1, H, L, D) -> out (1, H, M, Dv), lse (1, H, M); L >= 1; causal only when M == L."""
-    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+    if (
+        q.device.type == "cpu"
+        and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+        and v.shape[-1] == q.shape[-1]  # the fused kernel needs Dv == D
+    ):
         return _flash_cpu(q, k, v, scale, causal)
     from . import api, masks  # elsewhere: attnopt's own dispatch (CUDA: fused kernels)
 
@@ -397,6 +401,8 @@ def _validate(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, qo_i
     ):
         if t is None:
             continue
+        if isinstance(t, Tensor) and t.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device; page tables need their values (cpu or cuda)")
         if not isinstance(t, Tensor) or t.ndim != 1 or t.dtype not in (torch.int32, torch.int64):
             raise TypeError(
                 f"{name} must be a 1-D int32/int64 tensor, got {getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
@@ -441,6 +447,7 @@ def _validate(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, qo_i
     for r, (m, L) in enumerate(zip(q_lens, kv_lens)):
         if m > L:
             raise ValueError(
-                f"sequence {r} has {m} queries but only {L} keys; its queries are its last tokens"
+                f"qo_indptr gives sequence {r} {m} queries but the page table gives it only {L} keys; "
+                f"a sequence's queries are its last tokens, so q_len <= kv_len"
             )
     return pages, kv_lens, q_lens

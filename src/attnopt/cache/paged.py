@@ -189,7 +189,9 @@ class PagePool:
         self._ref[page] += 1
 
     def _ensure_free(self, n: int) -> None:
-        if n > self._n_free and self.prefix_cache is not None:
+        """Make ``n`` pages free, evicting unreferenced cached pages if needed; if even that is not enough,
+        raise ``PoolFull`` having changed nothing."""
+        if n > self._n_free and n <= self._n_free + self.evictable_pages():
             self.prefix_cache.evict(n - self._n_free)
         if n > self._n_free:
             raise PoolFull(
@@ -471,8 +473,38 @@ class PrefixCache:
         return len(self._nodes)
 
     def evictable(self) -> int:
-        """Cached pages referenced by nothing but the cache (a subtree is evictable leaves-first)."""
-        return sum(1 for p in self._nodes if self.pool.refcount(p) == 1)
+        """Cached pages ``evict`` can free: referenced by nothing but the cache, and so are all the pages
+        after them in the tree (eviction goes leaves first)."""
+
+        def count(node: _Node) -> tuple[int, bool]:  # (evictable pages below and at node, whole subtree?)
+            total, whole = 0, True
+            for child in node.children.values():
+                n, w = count(child)
+                total += n
+                whole = whole and w
+            if node is self.root:
+                return total, whole
+            whole = whole and self.pool.refcount(node.page) == 1
+            return total + whole, whole
+
+        stack_safe = len(self._nodes) < 500  # deep chains (long prompts): iterate instead of recursing
+        return count(self.root)[0] if stack_safe else self._evictable_iterative()
+
+    def _evictable_iterative(self) -> int:
+        order, stack = [], [self.root]
+        while stack:  # parents before children
+            node = stack.pop()
+            order.append(node)
+            stack.extend(node.children.values())
+        whole: dict[int, bool] = {}
+        total = 0
+        for node in reversed(order):  # children before parents
+            ok = all(whole[id(c)] for c in node.children.values())
+            if node is not self.root:
+                ok = ok and self.pool.refcount(node.page) == 1
+                total += ok
+            whole[id(node)] = ok
+        return total
 
     def match(self, tokens: list[int], limit: int | None = None) -> list[int]:
         """Pages holding the longest cached prefix of ``tokens`` (whole pages, at most ``limit`` tokens)."""
