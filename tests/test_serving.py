@@ -677,3 +677,18 @@ def test_memory_budget_sizes_the_pool(tiny):
             Engine(model, num_pages=4, **{name: bad})
     with pytest.raises(ValueError, match="split_size=24 must be a multiple of page_size=16"):
         Engine(model, num_pages=4, batch_invariant=True, split_size=24)
+
+
+def test_readme_serving_snippet_runs(smol):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "generate_batch" in b)
+    model, tok, _ = smol
+    scope = {"model": model, "tok": tok}
+    exec(compile(block, "README.md", "exec"), scope)
+    for p, out in zip(scope["prompts"], scope["outs"]):
+        ref = model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False)[0, len(p) :].tolist()
+        assert out == ref
+    assert isinstance(scope["text"], str) and len(scope["text"]) > 0
