@@ -237,13 +237,14 @@ class PagedPlan:
             out = torch.zeros(K, T, Hq, Dv, dtype=lse_dtype, device=q.device)
             lse = torch.full((K, T, Hq), float("-inf"), dtype=lse_dtype, device=q.device)
         for gr in self.groups:  # all members' queries against their shared prefix: parts 0 .. n-1
-            M = gr.rows.numel()
-            qg = q.index_select(0, gr.rows).view(M, Hkv, g, D).transpose(0, 1).reshape(1, Hkv, M * g, D)
+            rows_g = gr.rows.to(q.device)  # plans are built on the CPU; a no-op there
+            M = rows_g.numel()
+            qg = q.index_select(0, rows_g).view(M, Hkv, g, D).transpose(0, 1).reshape(1, Hkv, M * g, D)
             for j, (start, n, contiguous) in enumerate(gr.spans):
                 ks, vs = self._span(kf, vf, start, n, contiguous, gr.members[0], pages)
                 o, s = _unfold(*_part(qg, ks, vs, scale, False), M, Hkv, g)
-                out[j].index_copy_(0, gr.rows, o.to(lse_dtype))
-                lse[j].index_copy_(0, gr.rows, s.to(lse_dtype))
+                out[j].index_copy_(0, rows_g, o.to(lse_dtype))
+                lse[j].index_copy_(0, rows_g, s.to(lse_dtype))
         for w in self.work:
             rows = slice(w.row, w.row + w.m)
             j = len(self.groups[w.prefix].spans) if w.prefix >= 0 else 0
@@ -259,8 +260,9 @@ class PagedPlan:
                         out[j, rows], lse[j, rows] = o, s
                     j += 1
             if w.own is not None:
-                ko = kf.index_select(1, w.own).repeat_interleave(g, dim=0).unsqueeze(0)  # (1, Hq, m, D)
-                vo = vf.index_select(1, w.own).repeat_interleave(g, dim=0).unsqueeze(0)
+                own = w.own.to(kf.device)
+                ko = kf.index_select(1, own).repeat_interleave(g, dim=0).unsqueeze(0)  # (1, Hq, m, D)
+                vo = vf.index_select(1, own).repeat_interleave(g, dim=0).unsqueeze(0)
                 o, s = _part(qr.transpose(0, 1).unsqueeze(0), ko, vo, scale, True)
                 o, s = o[0].transpose(0, 1), s[0].transpose(0, 1)  # (m, Hq, Dv), (m, Hq)
                 if K == 1:
@@ -281,7 +283,7 @@ class PagedPlan:
             )
         P = self.page_size
         pos = torch.arange(start, start + n)
-        slots = torch.tensor(pages[seq], dtype=torch.int64)[pos // P] * P + pos % P
+        slots = (torch.tensor(pages[seq], dtype=torch.int64)[pos // P] * P + pos % P).to(kf.device)
         return kf.index_select(1, slots).unsqueeze(0), vf.index_select(1, slots).unsqueeze(0)
 
 

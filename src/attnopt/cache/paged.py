@@ -313,7 +313,7 @@ class PagePool:
         P = self.page_size
         pos = torch.arange(start, end)
         pages = torch.tensor(s.pages[start // P : -(-end // P)], dtype=torch.int64)
-        return pages[pos // P - start // P] * P + pos % P
+        return (pages[pos // P - start // P] * P + pos % P).to(self.k.device)
 
     def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
         """Store keys (Hkv, n, D) and values (Hkv, n, Dv) at flat ``slots`` (n,) of ``layer``."""

@@ -200,6 +200,11 @@ class Engine:
                 f"attnopt.serving runs full-attention layers; this model has {sorted(set(layer_types)) or 'sliding-window'} "
                 f"layers (sliding windows and linear attention in the paged pool are not implemented yet)"
             )
+        if getattr(text, "attn_logit_softcapping", None):
+            raise NotImplementedError(
+                f"attnopt.serving's paged attention does not soft-cap scores yet (attn_logit_softcapping="
+                f"{text.attn_logit_softcapping}); run this model through generate() on attnopt instead"
+            )
         for name, value in (
             ("max_batch_tokens", max_batch_tokens),
             ("page_size", page_size),
