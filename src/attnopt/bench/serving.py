@@ -162,8 +162,9 @@ def run_serving(args: argparse.Namespace) -> int:
     prompts = [shared[: C - 16] + t.prompt_ids for t in tails]
     ours = ours_decode_step(model, prompts, args.serving_steps, log)
     log(f"  attnopt step: {ours['step_s'] * 1e3:.1f} ms over {ours['kv_tokens']} cached tokens")
-    theirs = peers.peer_decode_step(peer_model, prompts, steps=args.serving_steps)
-    peer_step = theirs.decode_step_s if hasattr(theirs, "decode_step_s") else theirs["decode_step_s"]
+    theirs = peers.peer_decode_step(peer_model, prompts, new_tokens=args.serving_steps + 1)
+    peer_step = theirs.decode_step_s
+    results["decode_peer_info"] = theirs.info
     log(f"  transformers generate_batch + sdpa step: {peer_step * 1e3:.1f} ms")
     results["decode"] = {"ours": ours, "peer_step_s": peer_step, "ratio": peer_step / ours["step_s"]}
     goals.append(
