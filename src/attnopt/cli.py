@@ -215,6 +215,11 @@ def _serving_bench_arguments(p: argparse.ArgumentParser) -> None:
         default=64,
         help="--serving: requests of the mixed end-to-end workload (default 64; 0 = skip)",
     )
+    p.add_argument(
+        "--serving-parts",
+        default="decode,cascade,e2e",
+        help="--serving: which measurements to run, comma-separated (default decode,cascade,e2e)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,11 +40,14 @@ def _flash_cpu(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> t
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale, is_causal=causal)
 
 
+_FLASH_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
 def _part(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
     """(1, H, M, D) x (1, H, L, D) -> out (1, H, M, Dv), lse (1, H, M); L >= 1; causal only when M == L."""
     if (
         q.device.type == "cpu"
-        and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+        and q.dtype in _FLASH_DTYPES
         and v.shape[-1] == q.shape[-1]  # the fused kernel needs Dv == D
     ):
         return _flash_cpu(q, k, v, scale, causal)
@@ -142,6 +145,21 @@ class PagedPlan:
                 own = torch.tensor(pg, dtype=torch.int64)[pos // P] * P + pos % P
             spans = tuple(self._spans(pg, start, past_len[r]))
             self.work.append(_Work(r, rows[r], m, spans, own, gi))
+        # Decode rows that read one contiguous run and nothing else: run in one tight loop, written at once.
+        simple = [
+            w
+            for w in self.work
+            if w.m == 1 and w.prefix < 0 and w.own is None and len(w.past) == 1 and w.past[0][2]
+        ]
+        self._simple = [(w.row, w.past[0][0], w.past[0][1]) for w in simple]
+        self._simple_rows = torch.tensor([w.row for w in simple], dtype=torch.int64)
+        self._all_simple = len(simple) == len(self.work) and [w.row for w in simple] == list(
+            range(self.total_q)
+        )
+        ids = {id(w) for w in simple}
+        self._rest = [w for w in self.work if id(w) not in ids]
+        self._simple_done = False
+        self._simple_out: tuple[Tensor, Tensor] | None = None
         prefix_parts = [len(self.groups[w.prefix].spans) if w.prefix >= 0 else 0 for w in self.work]
         self.max_parts = max(
             (n + len(w.past) + (w.own is not None) for n, w in zip(prefix_parts, self.work)), default=1
@@ -245,7 +263,11 @@ class PagedPlan:
                 o, s = _unfold(*_part(qg, ks, vs, scale, False), M, Hkv, g)
                 out[j].index_copy_(0, rows_g, o.to(lse_dtype))
                 lse[j].index_copy_(0, rows_g, s.to(lse_dtype))
-        for w in self.work:
+        if self._simple:
+            self._run_simple(q, kf, vf, scale, out if K == 1 else out[0], lse if K == 1 else lse[0])
+            if K == 1 and self._all_simple:
+                return self._simple_out
+        for w in self._rest if self._simple_done else self.work:
             rows = slice(w.row, w.row + w.m)
             j = len(self.groups[w.prefix].spans) if w.prefix >= 0 else 0
             qr = q[rows]  # (m, Hq, D)
@@ -273,6 +295,32 @@ class PagedPlan:
             return out, lse
         out, lse = _merge_slabs(out, lse)
         return out.to(q.dtype), lse
+
+    def _run_simple(self, q: Tensor, kf: Tensor, vf: Tensor, scale: float, out: Tensor, lse: Tensor) -> None:
+        """Single-run decode rows: one fused call each (heads folded into rows), outputs written at once."""
+        self._simple_done = False
+        self._simple_out = None
+        T, Hq, D = q.shape
+        Hkv, Dv = vf.shape[0], vf.shape[-1]
+        g = Hq // Hkv
+        if not (q.device.type == "cpu" and Dv == D and q.dtype in _FLASH_DTYPES):
+            return  # the general loop runs these rows too
+        q5 = q.view(T, 1, Hkv, g, D)  # q5[row]: (1, Hkv, g, D)
+        k4, v4 = kf.unsqueeze(0), vf.unsqueeze(0)
+        outs, lses = [], []
+        for row, start, n in self._simple:
+            o, s = _flash_cpu(q5[row], k4.narrow(2, start, n), v4.narrow(2, start, n), scale, False)
+            outs.append(o)
+            lses.append(s)
+        o = torch.cat(outs).view(len(outs), Hq, Dv)  # (S, Hq, Dv)
+        s = torch.cat(lses).reshape(len(lses), Hq)
+        self._simple_done = True
+        if self._all_simple:
+            self._simple_out = (o, s.to(lse.dtype))
+            return
+        rows = self._simple_rows.to(q.device)
+        out.index_copy_(0, rows, o.to(out.dtype))
+        lse.index_copy_(0, rows, s.to(lse.dtype))
 
     def _span(self, kf, vf, start, n, contiguous, seq, pages):
         if contiguous:

@@ -145,17 +145,31 @@ def ours_end_to_end(model: Any, items: list[Any]) -> dict[str, Any]:
 def run_serving(args: argparse.Namespace) -> int:
     from attnopt import demo
 
-    from . import serving_peers as peers
-    from . import workload as W
-
     torch.set_num_threads(args.threads)
     log = print
-    R, C = args.serving_requests, args.serving_context
     model, tok = demo.load_smollm2("attnopt")
     peer_model, _ = demo.load_smollm2("sdpa")
     results: dict[str, Any] = {"threads": args.threads}
     goals = []
 
+    parts = {x.strip() for x in getattr(args, "serving_parts", "decode,cascade,e2e").split(",")}
+    bad = parts - {"decode", "cascade", "e2e"}
+    if bad:
+        raise SystemExit(f"--serving-parts: unknown {sorted(bad)}; allowed decode, cascade, e2e")
+    if "decode" in parts:
+        _decode_part(args, model, peer_model, tok, results, goals, log)
+    if "cascade" in parts:
+        _cascade_part(args, model, tok, results, goals, log)
+    if args.serving_e2e and "e2e" in parts:
+        _e2e_part(args, model, peer_model, tok, results, goals, log)
+    return _report(args, results, goals, log)
+
+
+def _decode_part(args, model, peer_model, tok, results, goals, log) -> None:
+    from . import serving_peers as peers
+    from . import workload as W
+
+    R, C = args.serving_requests, args.serving_context
     log(f"[1] decode step: {R} requests x {C}-token contexts (SmolLM2 fp32, {args.threads} threads)")
     shared = W.text_stream(tok, C)
     tails = W.long_contexts(tok, R, 16)
@@ -170,6 +184,10 @@ def run_serving(args: argparse.Namespace) -> int:
     goals.append(
         (f"decode step {R}x{C}: attnopt >= 5x generate_batch + sdpa", peer_step / ours["step_s"], 5.0)
     )
+
+
+def _cascade_part(args, model, tok, results, goals, log) -> None:
+    from . import workload as W
 
     n_sh, p_len, own_len = args.cascade_requests, args.cascade_prefix, args.cascade_own
     log(f"[2] shared prefix: {n_sh} requests x ({p_len} shared + {own_len} own) tokens")
@@ -186,37 +204,43 @@ def run_serving(args: argparse.Namespace) -> int:
     goals.append(("cascade decode >= 4x the same paged decode without cascade", cas["cascade_speedup"], 4.0))
     goals.append(("repeated prefix: time to first token >= 10x lower", cas["ttft_ratio"], 10.0))
 
-    if args.serving_e2e:
-        items = W.mixed_workload(tok, n=args.serving_e2e)
-        stats = W.workload_stats(items)
-        log(f"[3] end to end: {stats}")
-        e2e = ours_end_to_end(model, items)
-        log(f"  attnopt: {e2e['tokens_per_s']:.1f} tokens/s ({e2e['wall_s']:.1f} s)")
-        cb = peers.peer_generate_batch(
-            peer_model, [w.prompt_ids for w in items], [w.max_new_tokens for w in items]
-        )
-        cb_tps = e2e["generated"] / cb.wall_s
-        log(f"  transformers generate_batch + sdpa: {cb_tps:.1f} tokens/s ({cb.wall_s:.1f} s)")
-        seq = peers.peer_sequential_generate(
-            peer_model, [w.prompt_ids for w in items], [w.max_new_tokens for w in items]
-        )
-        seq_tps = e2e["generated"] / seq.wall_s
-        log(f"  sequential generate: {seq_tps:.1f} tokens/s ({seq.wall_s:.1f} s)")
-        same = peers.compare_tokens(e2e["tokens"], seq.tokens)
-        same_cb = peers.compare_tokens(e2e["tokens"], cb.tokens)
-        log(f"  tokens vs sequential generate: {same}; vs generate_batch: {same_cb}")
-        e2e.pop("tokens")
-        results["end_to_end"] = {
-            "workload": stats,
-            "ours": e2e,
-            "generate_batch_s": cb.wall_s,
-            "sequential_s": seq.wall_s,
-            "same_as_sequential": same,
-            "same_as_generate_batch": same_cb,
-        }
-        goals.append(("end to end >= 2x generate_batch + sdpa", cb.wall_s / e2e["wall_s"], 2.0))
-        goals.append(("end to end >= 4x sequential generate", seq.wall_s / e2e["wall_s"], 4.0))
 
+def _e2e_part(args, model, peer_model, tok, results, goals, log) -> None:
+    from . import serving_peers as peers
+    from . import workload as W
+
+    items = W.mixed_workload(tok, n=args.serving_e2e)
+    stats = W.workload_stats(items)
+    log(f"[3] end to end: {stats}")
+    e2e = ours_end_to_end(model, items)
+    log(f"  attnopt: {e2e['tokens_per_s']:.1f} tokens/s ({e2e['wall_s']:.1f} s)")
+    cb = peers.peer_generate_batch(
+        peer_model, [w.prompt_ids for w in items], [w.max_new_tokens for w in items]
+    )
+    cb_tps = e2e["generated"] / cb.wall_s
+    log(f"  transformers generate_batch + sdpa: {cb_tps:.1f} tokens/s ({cb.wall_s:.1f} s)")
+    seq = peers.peer_sequential_generate(
+        peer_model, [w.prompt_ids for w in items], [w.max_new_tokens for w in items]
+    )
+    seq_tps = e2e["generated"] / seq.wall_s
+    log(f"  sequential generate: {seq_tps:.1f} tokens/s ({seq.wall_s:.1f} s)")
+    same = peers.compare_tokens(e2e["tokens"], seq.tokens)
+    same_cb = peers.compare_tokens(e2e["tokens"], cb.tokens)
+    log(f"  tokens vs sequential generate: {same}; vs generate_batch: {same_cb}")
+    e2e.pop("tokens")
+    results["end_to_end"] = {
+        "workload": stats,
+        "ours": e2e,
+        "generate_batch_s": cb.wall_s,
+        "sequential_s": seq.wall_s,
+        "same_as_sequential": same,
+        "same_as_generate_batch": same_cb,
+    }
+    goals.append(("end to end >= 2x generate_batch + sdpa", cb.wall_s / e2e["wall_s"], 2.0))
+    goals.append(("end to end >= 4x sequential generate", seq.wall_s / e2e["wall_s"], 4.0))
+
+
+def _report(args, results, goals, log) -> int:
     log("")
     for name, value, need in goals:
         log(f"  {'met   ' if value >= need else 'MISSED'} {name}: {value:.2f}x (need {need})")
