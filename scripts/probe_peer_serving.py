@@ -11,9 +11,13 @@ Parts (``--part``, repeatable; default: check defaults a-small a b):
   ``peer_decode_step``); ``--cold`` also runs it cold through ``generate_batch`` (minutes: cross-request
   prefill) to check the warm measurement.
 * ``a``: the same with 16 × 4096-token contexts (prefix-warmed only; cold would take hours here).
-* ``b``: 64-request mixed workload (``mixed_workload(seed=0)``): tokens/s of CB+sdpa (per-request budgets)
-  and of sequential generate (stops starting requests after ``--seq-budget-s``; then also CB on that subset
-  is not re-run: compare tokens/s).
+* ``b`` (= ``b-cb`` then ``b-seq``): 64-request mixed workload (``mixed_workload(seed=0)``): tokens/s of
+  CB+sdpa (per-request budgets) and of sequential generate (which stops starting requests after
+  ``--seq-budget-s``: its tokens/s is then over the requests it completed). With ``--out``, the second of
+  the two compares its greedy tokens with the first's.
+
+``TRANSFORMERS_SDPA_FORCE_GQA=1`` in the environment makes transformers' sdpa wrapper pass
+``enable_gqa=True`` with a mask instead of ``repeat_kv`` (its CPU default when a mask is given).
 
 Every part prints the load average before and after, its duration, and a JSON line; ``--out DIR`` also
 writes ``DIR/<part>.json``. Example::
@@ -131,7 +135,9 @@ def default_sizing(model, max_prompt: int, new: int, n: int) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", action="append", choices=("check", "defaults", "a-small", "a", "b"))
+    p.add_argument(
+        "--part", action="append", choices=("check", "defaults", "a-small", "a", "b", "b-cb", "b-seq")
+    )
     p.add_argument("--requests", type=int, default=16, help="a / a-small: R (default 16)")
     p.add_argument("--small-len", type=int, default=1024)
     p.add_argument("--len", type=int, default=4096, help="a: context tokens (default 4096)")
@@ -145,6 +151,7 @@ def main() -> int:
     p.add_argument("--out", metavar="DIR")
     args = p.parse_args()
     parts = args.part or ["check", "defaults", "a-small", "a", "b"]
+    parts = [q for part in parts for q in (("b-cb", "b-seq") if part == "b" else (part,))]
 
     import torch
 
@@ -214,7 +221,9 @@ def main() -> int:
             ctx = [x.prompt_ids for x in long_contexts(tok, args.requests, n)]
             result["workload"] = f"{args.requests} x {n} tokens, {args.new} new each"
             run = peer_decode_step(model, ctx, new_tokens=args.new)
+            result["sdpa_force_gqa_env"] = os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA", "0")
             result["decode_step"] = run.summary()
+            result["tokens"] = run.tokens
             result["decode_step"]["step_times_s"] = [round(x, 3) for x in run.step_times_s]
             if part == "a-small" and args.cold:
                 t1 = time.perf_counter()
@@ -225,24 +234,22 @@ def main() -> int:
                 k = min(args.new, args.cold_new)
                 result["warm_vs_cold_tokens"] = compare_tokens(run.tokens, [x[:k] for x in cold.tokens])
 
-        elif part == "b":
+        elif part in ("b-cb", "b-seq"):
             w = mixed_workload(tok, n=args.mixed_n, seed=0)
             prompts, budgets = [x.prompt_ids for x in w], [x.max_new_tokens for x in w]
             result["workload"] = workload_stats(w)
-            t1, c1 = time.perf_counter(), _cpu()
-            cb = peer_generate_batch(model, prompts, budgets, instrument=True)
-            result["cb"] = cb.summary()
-            result["cb_elapsed_s"] = round(time.perf_counter() - t1, 1)
-            result["cb_cpu_per_wall"] = round((_cpu() - c1) / result["cb_elapsed_s"], 2)
-            result["load_after_cb"] = _load()
-            _wait_for_load(args.max_load, args.max_wait_s)
-            t1, c1 = time.perf_counter(), _cpu()
-            seq = peer_sequential_generate(model, prompts, budgets, time_budget_s=args.seq_budget_s)
-            result["sequential"] = seq.summary()
-            result["seq_elapsed_s"] = round(time.perf_counter() - t1, 1)
-            result["seq_cpu_per_wall"] = round((_cpu() - c1) / result["seq_elapsed_s"], 2)
-            done = len(seq.tokens)
-            result["cb_vs_sequential_tokens"] = compare_tokens(cb.tokens[:done], seq.tokens)
+            if part == "b-cb":
+                run = peer_generate_batch(model, prompts, budgets, instrument=True)
+            else:
+                run = peer_sequential_generate(model, prompts, budgets, time_budget_s=args.seq_budget_s)
+            result["run"] = run.summary()
+            result["tokens"] = run.tokens
+            other = os.path.join(args.out or "", "b-seq.json" if part == "b-cb" else "b-cb.json")
+            if args.out and os.path.exists(other):
+                with open(other) as f:
+                    theirs = json.load(f)["tokens"]
+                done = min(len(theirs), len(run.tokens))
+                result["cb_vs_sequential_tokens"] = compare_tokens(theirs[:done], run.tokens[:done])
 
         result["load_after"] = _load()
         result["elapsed_s"] = round(time.perf_counter() - t0, 1)

@@ -13,7 +13,14 @@
 * ``peer_sequential_generate``: plain ``model.generate``, one request at a time (greedy, DynamicCache).
 
 Both peers are greedy and, by default, ignore EOS (every request generates exactly its budget), so a
-serving engine compared with them does the same work. ``PeerRun`` holds what one run measured.
+serving engine compared with them does the same work; their greedy tokens were checked equal to
+per-request ``generate`` (``scripts/probe_peer_serving.py --part check`` and ``--part b``). ``PeerRun``
+holds what one run measured.
+
+Measured here (SmolLM2-135M fp32, 2 threads; ``scripts/probe_peer_serving.py``): one CB+sdpa decode step
+with 16 requests × 4096 cached tokens takes ~7.3 s (2.7 s with ``sdpa_gqa=True``), where 16 sequential
+batch-1 decode steps at 4K take ~1.6 s; on the 64-request mixed workload CB+sdpa gives 11.4 tokens/s
+(14.5 with ``sdpa_gqa=True``) and sequential ``generate`` 15.8.
 
 Times are ``time.perf_counter`` seconds. Benchmarks are never tests: on a shared machine compare runs
 made back to back, and note the load.
@@ -25,6 +32,7 @@ import contextlib
 import gc
 import itertools
 import math
+import os
 import statistics
 import time
 from collections.abc import Iterator, Sequence
@@ -310,6 +318,15 @@ def _collect(manager: Any, ids: set[str], timeout_s: float | None) -> dict[str, 
     return results
 
 
+@contextlib.contextmanager
+def _hard_stop_on_error(manager: Any) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        manager.stop(block=True, timeout=60, hard_stop=True)
+        raise
+
+
 def _cb_run(
     model: Any,
     prompts: list[list[int]],
@@ -342,7 +359,8 @@ def _cb_run(
     ) as manager:
         geometry = _geometry(manager)
         cm = probe.installed(manager.batch_processor.cache) if instrument else contextlib.nullcontext()
-        with cm:
+        # on error / timeout / Ctrl-C: hard stop, else the context manager's stop() flushes every pending request
+        with cm, _hard_stop_on_error(manager):
             for i, w in enumerate(warm_prompts or []):
                 rid = f"warm_{i}"
                 # budget 2, not 1: a request that finishes in its prefill step never registers its pages
@@ -389,6 +407,35 @@ def _cb_peer_run(
     )
 
 
+@contextlib.contextmanager
+def _sdpa_gqa(force: bool | None) -> Iterator[None]:
+    """Set ``TRANSFORMERS_SDPA_FORCE_GQA`` for the run (None: leave the environment alone).
+
+    transformers' sdpa wrapper passes ``enable_gqa=True`` only without a mask (``sdpa_attention.py``
+    ``use_gqa_in_sdpa``; XPU / MPS aside) and otherwise, with more than one query, copies K and V to every
+    query head with ``repeat_kv``. CB always passes a mask, so on CPU every layer of every step repeats all
+    gathered keys and values 3× for SmolLM2 (Hq 9, Hkv 3). The variable (read at every call) switches to
+    ``enable_gqa=True`` with the mask: same tokens, 2.7-2.8× faster CB decode steps here.
+    """
+    if force is None:
+        yield
+        return
+    key = "TRANSFORMERS_SDPA_FORCE_GQA"
+    old = os.environ.get(key)
+    os.environ[key] = "1" if force else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = old
+
+
+def _gqa_forced() -> bool:
+    return os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA", "0") == "1"
+
+
 def _with_peak(call: Any) -> tuple[Any, float | None]:
     box: list[Any] = []
     growth = measure.peak_growth(lambda: box.append(call()))
@@ -405,6 +452,7 @@ def peer_generate_batch(
     ignore_eos: bool = True,
     instrument: bool = False,
     timeout_s: float | None = None,
+    sdpa_gqa: bool | None = None,
 ) -> PeerRun:
     """transformers continuous batching (model as loaded, e.g. ``sdpa``), every request submitted at t0.
 
@@ -418,6 +466,8 @@ def peer_generate_batch(
     setup time (manager + cache + mask allocation), TTFT per request (t0 -> first token; CB stamps a token
     when the step that produced it is processed, ``requests.py`` ``update_and_check_completion``), the step
     times, the median decode step while every request decodes, peak RSS growth, and the CB geometry.
+    ``sdpa_gqa``: True / False sets ``TRANSFORMERS_SDPA_FORCE_GQA`` for the run (see ``_sdpa_gqa``; the run
+    name gets ``+enable_gqa`` when it is on), None leaves the environment alone.
     Raises if any request fails (``generate_batch`` itself only logs failures and returns partial results).
     """
     prompts = [list(map(int, p)) for p in prompts]
@@ -452,18 +502,24 @@ def peer_generate_batch(
             outs = list(got.values())  # generate_batch returns them in input order
             return outs, t_setup, min(o.created_time for o in outs)
 
-        (outs, t_setup, t0), peak = _with_peak(call)
+        with _sdpa_gqa(sdpa_gqa):
+            gqa = _gqa_forced()
+            (outs, t_setup, t0), peak = _with_peak(call)
         info = {"api": "generate_batch", "attn_implementation": impl, **_config_info(config)}
     else:
 
         def call2() -> Any:
             return _cb_run(model, prompts, budgets, config, ignore_eos, None, instrument, timeout_s)
 
-        (outs, t_setup, t0, info, probe_steps), peak = _with_peak(call2)
+        with _sdpa_gqa(sdpa_gqa):
+            gqa = _gqa_forced()
+            (outs, t_setup, t0, info, probe_steps), peak = _with_peak(call2)
         info = {"api": "manager", **info}
         if instrument:
             info["probe"] = _probe_summary(probe_steps)
-    run = _cb_peer_run(f"generate_batch+{impl}", prompts, outs, t_setup, t0, info)
+    info["sdpa_force_gqa"] = gqa
+    name = f"generate_batch+{impl}" + ("+enable_gqa" if gqa else "")
+    run = _cb_peer_run(name, prompts, outs, t_setup, t0, info)
     run.peak_rss_growth_mib = peak
     return run
 
@@ -518,13 +574,14 @@ def peer_decode_step(
     max_batch_tokens: int = 512,
     instrument: bool = True,
     timeout_s: float | None = None,
+    sdpa_gqa: bool | None = None,
 ) -> PeerRun:
     """One CB decode step with R = len(contexts) requests of len(context) cached tokens each.
 
     Why not just ``generate_batch`` cold: with sdpa, CB packs every scheduled request into one row and masks
     a dense (Σq, Σk) score matrix, so a prefill chunk scheduled next to R running requests also scores
-    against all their keys. Cold prefill of 16 × 4096 tokens costs ~Σ prompt × Σ keys / 2 ≈ 65536 × 33K
-    scores per head per layer (hours on 2 cores), where per-request prefill costs 16 × 4096² / 2.
+    against all their keys: cold prefill costs ~Σ prompt × Σ keys / 2 scores instead of R × L² / 2. Cold
+    16 × 1024 took 250 s here; 16 × 4096 would be ~16× that (about an hour on 2 cores).
 
     So, in one manager: (1) each context's first ``k·page_size`` tokens (k = (L-1) // page_size, what CB's
     prefix matcher can reuse, ``cache_allocator.py`` ``match_prefix_blocks``) is submitted alone with a
@@ -533,7 +590,8 @@ def peer_decode_step(
     (1..page_size tokens), then all R decode together. The decode step time (median gap between steps once
     every request has its first token) does not depend on how the keys reached the cache. ``info["probe"]``
     shows the Σq of phase 2's first step (R × tail when the prefix cache hit) and per-step KV-gather /
-    attention times. TTFT here is not a cold TTFT (prefill was done in phase 1).
+    attention times; ``info["prefix_cache_hit"]`` checks it. ``setup_s`` includes phase 1, and TTFT is not a
+    cold TTFT (prefill was done in phase 1). ``sdpa_gqa``: as in ``peer_generate_batch``.
     """
     prompts = [list(map(int, c)) for c in contexts]
     if new_tokens < 2:
@@ -548,8 +606,11 @@ def peer_decode_step(
     def call() -> Any:
         return _cb_run(model, prompts, [new_tokens] * len(prompts), config, True, warm, instrument, timeout_s)
 
-    (outs, t_setup, t0, info, probe_steps), peak = _with_peak(call)
+    with _sdpa_gqa(sdpa_gqa):
+        gqa = _gqa_forced()
+        (outs, t_setup, t0, info, probe_steps), peak = _with_peak(call)
     impl = info.get("attn_implementation", model.config._attn_implementation)
+    info["sdpa_force_gqa"] = gqa
     tails = sum(len(p) for p in prompts) - sum(len(w) for w in warm)
     info = {"api": "manager, prefix-warmed", "warm_prefill_tokens": sum(len(w) for w in warm), **info}
     info["tail_prefill_tokens"] = tails
@@ -558,7 +619,8 @@ def peer_decode_step(
         # the prefix cache hit iff phase 2 prefilled only the tails (in batches of at most max_batch_tokens)
         first_qs = [s["q"] for s in probe_steps[: math.ceil(tails / max_batch_tokens)]]
         info["prefix_cache_hit"] = sum(first_qs) == tails
-    run = _cb_peer_run(f"generate_batch+{impl} decode step", prompts, outs, t_setup, t0, info)
+    name = f"generate_batch+{impl}" + ("+enable_gqa" if gqa else "") + " decode step"
+    run = _cb_peer_run(name, prompts, outs, t_setup, t0, info)
     run.peak_rss_growth_mib = peak
     return run
 
