@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .cache.paged import page_slots
+
 __all__ = ["PagedPlan", "paged_attention"]
 
 
@@ -141,8 +143,7 @@ class PagedPlan:
             start = self.groups[gi].tokens if gi >= 0 else 0
             own = None
             if past_len[r] < L:  # causal prefill chunk: its own keys as a causal square (bounded gather)
-                pos = torch.arange(past_len[r], L)
-                own = torch.tensor(pg, dtype=torch.int64)[pos // P] * P + pos % P
+                own = page_slots(pg, past_len[r], L, P)
             spans = tuple(self._spans(pg, start, past_len[r]))
             self.work.append(_Work(r, rows[r], m, spans, own, gi))
         # Decode rows that read one contiguous run and nothing else: run in one tight loop, written at once.
@@ -329,9 +330,7 @@ class PagedPlan:
             raise ValueError(
                 "PagedPlan.run: fixed-split mode needs the page lists to gather a straddling slice"
             )
-        P = self.page_size
-        pos = torch.arange(start, start + n)
-        slots = (torch.tensor(pages[seq], dtype=torch.int64)[pos // P] * P + pos % P).to(kf.device)
+        slots = page_slots(pages[seq], start, start + n, self.page_size).to(kf.device)
         return kf.index_select(1, slots).unsqueeze(0), vf.index_select(1, slots).unsqueeze(0)
 
 

@@ -32,10 +32,6 @@ from ..serving import Engine, Request
 Log = Callable[[str], None]
 
 
-def _engine(model: Any, **kw: Any) -> Engine:
-    return Engine(model, **kw)
-
-
 def _run_until_decoding(engine: Engine) -> None:
     """Step until every running request has its first token (prefill done)."""
     while any(r.prefilling or not r.out for r in engine.running) or engine.waiting:
@@ -54,7 +50,7 @@ def _timed_steps(engine: Engine, n: int) -> list[float]:
 def ours_decode_step(model: Any, prompts: list[list[int]], steps: int, log: Log) -> dict[str, Any]:
     """attnopt: R requests decoding over private pages (one run each), cascade off; median step time."""
     tokens = sum(len(p) for p in prompts) + len(prompts) * (steps + 4)
-    engine = _engine(
+    engine = Engine(
         # room for the shared prompt pages (kept by the prefix cache) and every request's private copy
         model,
         num_pages=2 * (tokens // 16 + 4 * len(prompts)) + 16,
@@ -87,7 +83,7 @@ def cascade_bench(
     R = len(owns)
     total = len(prefix) + max(len(o) for o in owns) + 2 * steps + 8
     pages = (len(prefix) + R * (total - len(prefix))) // 16 + 4 * R + 64
-    engine = _engine(model, num_pages=pages, max_batch_tokens=2048)
+    engine = Engine(model, num_pages=pages, max_batch_tokens=2048)
     ttft = []
     for own in owns[:2]:  # request 1 prefills the prefix; request 2 finds it cached
         t0 = time.perf_counter()
@@ -119,7 +115,7 @@ def cascade_bench(
 
 
 def ours_end_to_end(model: Any, items: list[Any]) -> dict[str, Any]:
-    engine = _engine(model, memory_budget="4GiB", max_batch_tokens=512)
+    engine = Engine(model, memory_budget="4GiB", max_batch_tokens=512)
     for i, w in enumerate(items):
         engine.submit(Request(w.prompt_ids, max_new_tokens=w.max_new_tokens, stop_token_ids=[], id=i))
     outs: dict[int, list[int]] = {i: [] for i in range(len(items))}

@@ -31,6 +31,14 @@ from torch import Tensor
 __all__ = ["PagePool", "PoolFull", "PrefixCache"]
 
 
+def page_slots(pages: list[int], start: int, end: int, page_size: int) -> Tensor:
+    """Flat slots (page*page_size + offset) of tokens [start, end) of a sequence with page list ``pages``."""
+    P = page_size
+    pos = torch.arange(start, end)
+    first = torch.tensor(pages[start // P : -(-end // P)], dtype=torch.int64)
+    return first[pos // P - start // P] * P + pos % P
+
+
 class PoolFull(RuntimeError):
     """The pool has too few free pages for the request (after evicting every unreferenced cached page)."""
 
@@ -180,9 +188,25 @@ class PagePool:
     def _release(self, page: int) -> None:
         self._ref[page] -= 1
         if self._ref[page] == 0:
+            self._give_back([page])
+
+    def _give_back(self, pages: list[int]) -> None:
+        """Unreferenced (or reserved, unused) pages become free."""
+        for page in pages:
             self._free[page] = 1
             self._n_free += 1
             heapq.heappush(self._heap, page)
+
+    def _set_aside(self, n: int, after: int | None) -> list[int]:
+        """Take ``n`` free pages, unreferenced, as one run after ``after`` when the pool has one."""
+        pages = []
+        for i in range(n):
+            after = self._pick(after, n - i)
+            self._free[after] = 0
+            self._n_free -= 1
+            pages.append(after)
+        self.peak_used_pages = max(self.peak_used_pages, self.num_pages - self._n_free)
+        return pages
 
     def _incref(self, page: int) -> None:
         assert self._ref[page] > 0, f"page {page} is free"
@@ -246,13 +270,7 @@ class PagePool:
         n_pages = _int("n_pages", n_pages, 0)
         self._ensure_free(n_pages)
         after = s.reserved[-1] if s.reserved else (s.pages[-1] if s.pages else None)
-        for i in range(n_pages):
-            page = self._pick(after, n_pages - i)
-            self._free[page] = 0
-            self._n_free -= 1
-            s.reserved.append(page)
-            after = page
-        self.peak_used_pages = max(self.peak_used_pages, self.num_pages - self._n_free)
+        s.reserved.extend(self._set_aside(n_pages, after))
 
     def reserved(self, seq: int) -> int:
         """Pages set aside for ``seq`` and not used yet."""
@@ -310,10 +328,7 @@ class PagePool:
         s = self._get(seq)
         if not 0 <= start <= end <= s.length:
             raise ValueError(f"slots: [{start}, {end}) is outside sequence {seq}'s {s.length} tokens")
-        P = self.page_size
-        pos = torch.arange(start, end)
-        pages = torch.tensor(s.pages[start // P : -(-end // P)], dtype=torch.int64)
-        return (pages[pos // P - start // P] * P + pos % P).to(self.k.device)
+        return page_slots(s.pages, start, end, self.page_size).to(self.k.device)
 
     def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
         """Store keys (Hkv, n, D) and values (Hkv, n, Dv) at flat ``slots`` (n,) of ``layer``."""
@@ -344,19 +359,10 @@ class PagePool:
             raise PoolFull(
                 f"relocate: sequence {seq} needs {n} more pages; the pool has {self.available_pages()}"
             )
-        for p in s.reserved:  # its reservation moves too: give it back, then take the new run
-            self._free[p] = 1
-            self._n_free += 1
-            heapq.heappush(self._heap, p)
+        self._give_back(s.reserved)  # its reservation moves too: give it back, then take the new run
         s.reserved = []
         self._ensure_free(total)
-        new, after = [], None
-        for i in range(total):
-            page = self._pick(after, total - i)
-            self._free[page] = 0
-            self._n_free -= 1
-            new.append(page)
-            after = page
+        new = self._set_aside(total, None)
         old = torch.tensor(s.pages, dtype=torch.int64, device=self.k.device)
         dst = torch.tensor(new[:n], dtype=torch.int64, device=self.k.device)
         self.k.index_copy_(2, dst, self.k.index_select(2, old))
@@ -387,10 +393,7 @@ class PagePool:
             raise KeyError(f"sequence {seq!r} is not in the pool (freed twice, or never created)")
         for p in s.pages:
             self._release(p)
-        for p in s.reserved:
-            self._free[p] = 1
-            self._n_free += 1
-            heapq.heappush(self._heap, p)
+        self._give_back(s.reserved)
 
     # ----------------------------------------------------------------------------------- page tables
 
