@@ -143,7 +143,9 @@ def bench(args: argparse.Namespace) -> int:
             if e.name != "attnopt.bench.serving":
                 raise
             sys.exit("attnopt bench --serving: attnopt.bench.serving is not in this installation yet")
-        return run_serving(args)
+        from attnopt.bench import plotted
+
+        return plotted(args, run_serving)  # --plot / --from
     from attnopt.bench import run
 
     return run(args)

@@ -5,6 +5,8 @@ Each measurement reports the median time over repeats (after a warm-up), the rat
 attnopt (peer time / attnopt time: > 1 means attnopt is faster), the peak memory of one call (see
 ``attnopt.bench.measure``), a rich table, and a final JSON line on stdout. A peer that cannot run says
 ``n/a (reason)``. ``--goals`` runs the project's goal measurements and says met / missed for each.
+``--plot DIR`` draws the results as charts after the run (``attnopt.bench.plots``); with ``--from JSON``
+it draws a saved run instead of measuring.
 
 Benchmarks are never tests: timings on shared machines are noisy, so compare ratios from one run.
 """
@@ -12,8 +14,11 @@ Benchmarks are never tests: timings on shared machines are noisy, so compare rat
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from collections.abc import Callable
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "plotted", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,10 +77,78 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", metavar="PATH", help="also write the JSON results to PATH")
     p.add_argument("--list", action="store_true", help="list the presets and exit")
+    p.add_argument(
+        "--plot",
+        metavar="DIR",
+        help="after the run, draw the results as PNG charts into DIR (needs pip install 'attnopt[maps]'); "
+        "the JSON also goes to DIR/<kind>_results.json unless --json is given",
+    )
+    p.add_argument(
+        "--from",
+        dest="plot_from",
+        metavar="JSON",
+        help="with --plot: draw a saved run (a --json file, or the bench's saved stdout) instead of measuring",
+    )
+    p.add_argument(
+        "--plot-prefix",
+        metavar="NAME",
+        help="--plot: file-name prefix of the charts (default: the kind of run, e.g. bench_)",
+    )
+
+
+def _kind(args: argparse.Namespace) -> str:
+    for kind in ("serving", "generation", "goals"):
+        if getattr(args, kind, False):
+            return kind
+    return "bench"
+
+
+def _draw(payload: dict, args: argparse.Namespace) -> int:
+    from .plots import plot_results
+
+    try:
+        files = plot_results(payload, args.plot, prefix=args.plot_prefix)
+    except ValueError as e:
+        print(f"attnopt bench --plot: {e}", file=sys.stderr)
+        return 1
+    print("charts: " + ", ".join(str(f) for f in files), file=sys.stderr)  # stdout ends with the JSON
+    return 0
+
+
+def plotted(args: argparse.Namespace, bench: Callable[[argparse.Namespace], int]) -> int:
+    """Run ``bench(args)`` and, with --plot DIR, draw its JSON payload; with --from, only draw."""
+    plot_dir, source = getattr(args, "plot", None), getattr(args, "plot_from", None)
+    if source and not plot_dir:
+        sys.exit("attnopt bench: --from JSON draws charts and needs --plot DIR")
+    if not plot_dir or getattr(args, "list", False):
+        return bench(args)
+    from .plots import load_payload, require_matplotlib
+
+    try:
+        require_matplotlib()  # before a run that may take minutes
+    except ImportError as e:
+        sys.exit(f"attnopt bench --plot: {e}")
+    if source:
+        try:
+            payload = load_payload(source)
+        except (OSError, ValueError) as e:
+            sys.exit(f"attnopt bench --from: {e}")
+        return _draw(payload, args)
+    if not args.json:
+        os.makedirs(plot_dir, exist_ok=True)
+        args.json = os.path.join(plot_dir, f"{_kind(args)}_results.json")
+    rc = bench(args)
+    if rc != 0:
+        return rc
+    return _draw(load_payload(args.json), args)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of `attnopt bench` (imports torch lazily)."""
+    """Entry point of `attnopt bench` (imports torch lazily); --plot / --from through ``plotted``."""
+    return plotted(args, _run)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.generation:
         from .generation import run_generation
 
