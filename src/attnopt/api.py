@@ -22,6 +22,11 @@ from .mods import ScoreMod
 _PLAIN: dict[tuple, tuple[Any, float]] = {}
 _PLAIN_MAX = 256
 
+# Observers of every attention call (attnopt.maps.record): each gets the validated inputs and the LSE
+# after the call ran. Empty in normal use, so the hot path pays one list test.
+_OBSERVERS: list[Callable[[AttentionInputs, Tensor], None]] = []
+_observing = [False]
+
 
 def _plain_key(
     q, k, v, mask, score_mod, sinks, similarity, scale, dropout_p, return_lse, backend, num_splits
@@ -159,6 +164,8 @@ def attention(
         "backend": backend,
         "num_splits": num_splits,
     }
+    if _OBSERVERS and not _observing[0] and not torch.compiler.is_compiling():
+        return _observed(q, k, v, kwargs)
     amp = _autocast_dtype(q, k, v)
     if amp is not None:  # like F.scaled_dot_product_attention: run in the autocast dtype, whatever backend
         with torch.autocast(q.device.type, enabled=False):
@@ -195,6 +202,21 @@ def attention(
         assert lse is not None, "a backend that declares supports_lse returned no lse"
         return out, lse
     return out
+
+
+def _observed(q: Tensor, k: Tensor, v: Tensor, kwargs: dict[str, Any]) -> Tensor | tuple[Tensor, Tensor]:
+    """Run the call with its LSE, then show the validated inputs and the LSE to every observer."""
+    _observing[0] = True
+    try:
+        out, lse = attention(q, k, v, **(kwargs | {"return_lse": True}))
+        named = ("mask", "score_mod", "similarity", "scale", "sinks", "dropout_p")
+        inputs = _validate(q, k, v, *(kwargs[n] for n in named), True, "auto", None)
+        with torch.no_grad():
+            for observe in list(_OBSERVERS):
+                observe(inputs, lse.detach())
+    finally:
+        _observing[0] = False
+    return (out, lse) if kwargs["return_lse"] else out
 
 
 def explain(

@@ -1,4 +1,4 @@
-"""`attnopt demo | generate | serve | variants | info | bench`: the command-line face of the library."""
+"""`attnopt demo | generate | serve | maps | variants | info | bench`: the command-line face of the library."""
 
 from __future__ import annotations
 
@@ -67,6 +67,27 @@ def serve(args: argparse.Namespace) -> int:
         threads=args.threads,
         model=args.model,
         chat=args.chat,
+    )
+
+
+def maps(args: argparse.Namespace) -> int:
+    """Exact attention maps of a real offline model on a prompt: offline HTML report and PNGs."""
+    from attnopt.maps.cli import run
+
+    return run(
+        _console(),
+        model=args.model,
+        prompt=args.prompt,
+        file=args.file,
+        tokens=args.tokens,
+        chat=args.chat,
+        resolution=args.resolution,
+        sinks=args.sinks,
+        rows=args.rows,
+        rollout=args.rollout,
+        out=args.out,
+        compare=args.compare,
+        threads=args.threads,
     )
 
 
@@ -331,6 +352,43 @@ def main(argv: list[str] | None = None) -> int:
         help="write the completions as JSON lines (default: print a few)",
     )
     p.set_defaults(fn=serve)
+    p = sub.add_parser("maps", help="exact attention maps of a real model on a prompt: offline HTML and PNGs")
+    p.add_argument(
+        "--model", choices=("smollm2", "minilm"), default="smollm2", help="which offline model (smollm2)"
+    )
+    p.add_argument("--prompt", metavar="TEXT", default=None, help="the prompt text")
+    p.add_argument("--file", metavar="PATH", default=None, help="read the prompt from a text file")
+    p.add_argument(
+        "--tokens",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="repeat or cut the text to exactly N tokens",
+    )
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--resolution", type=_positive, default=512, help="bins per axis of the pooled maps (512)")
+    p.add_argument("--sinks", type=int, default=4, help="first tokens kept in bins of their own (4)")
+    p.add_argument(
+        "--rows",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="POS",
+        help="query positions whose exact rows are kept (default: the last, -1)",
+    )
+    p.add_argument(
+        "--rollout", action="store_true", help="also the attention rollout of --rows through the layers"
+    )
+    p.add_argument("--out", metavar="DIR", default="attnopt-maps", help="output folder (attnopt-maps)")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="also time a plain forward pass and report time and memory ratios",
+    )
+    p.add_argument(
+        "--threads", type=_positive, default=None, metavar="N", help="torch threads (default: torch's)"
+    )
+    p.set_defaults(fn=maps)
     p = sub.add_parser("variants", help="the attention variants on random tensors against the float64 oracle")
     p.add_argument("--seq", type=_positive, default=1024, help="sequence length (default 1024)")
     p.set_defaults(fn=variants)

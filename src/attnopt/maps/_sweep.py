@@ -1,0 +1,242 @@
+"""Exact softmax weights tile by tile from q, k and the LSE, never an (Sq, Sk) tensor.
+
+A sweep visits blocks of query rows and, for each, chunks of keys aligned to the key bins, skipping tiles
+the mask leaves EMPTY. Each tile gets ``e = exp(s - c)`` with the call's LSE as the shift c: s - c is
+exact where it matters (Sterbenz), so e is as accurate as eager's exp(s - max). The row normalizer
+Z = sum_j e (plus the sink's share) is summed over the block's own tiles, and every view is linear in
+e per row, so the weights p = e / Z come out as accurate as eager softmax's, instead of inheriting the
+fused kernel's LSE rounding (about 1e-5 relative). Views per row are scaled by 1/Z once the row is
+complete; received attention (a sum over rows) reads the block's tiles again: kept if they fit
+``KEEP_BYTES``, else recomputed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._inputs import AttentionInputs, acc_dtype
+from ..masks import Tile, tile_indices
+from ._result import Bins, LayerMaps
+
+ROWS = 64  # query rows per block (whole bins when they are narrower; wider bins are split)
+COLS_ELEMENTS = 1 << 20  # weights per tile: 4 MiB in float32, cache-sized
+KEEP_BYTES = 64 << 20  # a block's tiles are kept for the received pass when they fit in this
+MAX_BIN = 8192  # widest bin; beyond it a single column chunk would not be cache-sized
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """One call's inputs in the compute dtype, GQA-folded, and the shift c (its LSE)."""
+
+    inputs: AttentionInputs
+    q: Tensor  # (B, Hkv, G, Sq, D) (cosine: normalized)
+    k: Tensor  # (B, Hkv, Sk, D)
+    c: Tensor  # (B, Hq, Sq): the LSE; 0 where it is -inf (every key masked)
+
+    @classmethod
+    def make(cls, inputs: AttentionInputs, lse: Tensor) -> Tiles:
+        cd = acc_dtype(inputs.dtype)
+        B, Hq, Hkv, Sq, D = inputs.B, inputs.Hq, inputs.Hkv, inputs.Sq, inputs.D
+        q, k = inputs.q.detach().to(cd), inputs.k.detach().to(cd)
+        if inputs.similarity == "cosine":
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        c = lse.detach().to(cd)
+        c = torch.where(torch.isfinite(c), c, 0.0)
+        return cls(inputs, q.reshape(B, Hkv, Hq // Hkv, Sq, D), k, c)
+
+    def shifted(self, rows: Tensor | slice, k0: int, k1: int, kind: Tile) -> tuple[Tensor, Tensor | None]:
+        """s - c (B, Hq, r, k1-k0) for query rows ``rows`` (a slice or positions), and the keep mask of a
+        PARTIAL tile (its masked entries of s - c are finite garbage: zero their weights with it)."""
+        x = self.inputs
+        B, Hq = x.B, x.Hq
+        q = self.q[:, :, :, rows]  # (B, Hkv, G, r, D)
+        r = q.shape[3]
+        kb = self.k[:, :, k0:k1]
+        s = q.reshape(B, x.Hkv, -1, x.D) @ kb.transpose(-1, -2)  # (B, Hkv, G*r, bk)
+        if x.similarity == "euclidean":  # -|q - k|^2 = 2 q.k - |q|^2 - |k|^2
+            qq = (q * q).sum(-1).reshape(B, x.Hkv, -1, 1)
+            s = 2 * s - qq - (kb * kb).sum(-1).unsqueeze(-2)
+        s = s.view(B, Hq, r, k1 - k0).mul_(x.scale)
+        keep = None
+        if x.mods or kind is Tile.PARTIAL:
+            b, h, _, j = tile_indices(x.ctx, 0, 1, k0, k1)
+            i = torch.arange(x.Sq, device=s.device)[rows].view(1, 1, -1, 1)
+            for mod in x.mods:
+                s = mod(s, b, h, i, j, x.ctx).to(s.dtype)
+            if kind is Tile.PARTIAL:
+                assert x.mask is not None
+                keep = x.mask.keep(b, h, i, j, x.ctx).expand(s.shape)
+        s -= self.c[:, :, rows].unsqueeze(-1)
+        return s, keep
+
+    def exps(self, rows: Tensor | slice, k0: int, k1: int, kind: Tile) -> tuple[Tensor, Tensor]:
+        """(e, s - c): e = exp(s - c), exactly 0 where masked."""
+        sc, keep = self.shifted(rows, k0, k1, kind)
+        e = torch.exp(sc)
+        if keep is not None:
+            e = torch.where(keep, e, 0.0)
+        return e, sc
+
+    def sink_shift(self) -> Tensor | None:
+        """sink - c (B, Hq, Sq), or None without sinks."""
+        if self.inputs.sinks is None:
+            return None
+        return self.inputs.sinks.detach().to(self.c.dtype).view(1, -1, 1) - self.c
+
+
+@dataclass(frozen=True)
+class Block:
+    """Query rows [q0, q1), inside row bins [r0, r1) of width rw (one bin split over blocks: r1 = r0 + 1)."""
+
+    q0: int
+    q1: int
+    r0: int
+    r1: int
+    rw: int
+    c_lo: int  # the key bins the row bins may attend to: [c_lo, c_hi)
+    c_hi: int
+
+
+def blocks(t: Tiles, qb: Bins, kb: Bins) -> Iterator[Block]:
+    """Row blocks over every query (those that keep no key at all included: their views are 0)."""
+    x = t.inputs
+    widest = int(torch.cat([qb.edges.diff(), kb.edges.diff()]).max()) if x.Sq and x.Sk else 0
+    if widest > MAX_BIN:
+        raise ValueError(
+            f"resolution: bins of {widest} positions are too wide (at most {MAX_BIN}); ask for at least "
+            f"{-(-max(x.Sq, x.Sk) // MAX_BIN) + qb.sinks} bins per axis"
+        )
+    e = qb.edges.tolist()
+    for first, count, w in qb.groups():
+        step = max(1, ROWS // w)
+        for r0 in range(first, first + count, step):
+            r1 = min(r0 + step, first + count)
+            lo, hi = (0, x.Sk) if x.mask is None else x.mask.key_range(e[r0], e[r1], x.ctx)
+            c_lo, c_hi = (kb.bin_of(lo), kb.bin_of(hi - 1) + 1) if lo < hi else (0, 0)
+            if w <= ROWS:
+                yield Block(e[r0], e[r1], r0, r1, w, c_lo, c_hi)
+            else:  # one wide bin, in blocks of ROWS rows that add into the same pooled row
+                for q0 in range(e[r0], e[r1], ROWS):
+                    yield Block(q0, min(q0 + ROWS, e[r1]), r0, r1, w, c_lo, c_hi)
+
+
+def chunks(t: Tiles, kb: Bins, blk: Block) -> Iterator[tuple[int, int, int, int, int, Tile]]:
+    """(k0, k1, c0, c1, width, kind) key chunks of whole equal-width bins, EMPTY ones left out."""
+    x = t.inputs
+    e = kb.edges.tolist()
+    cols = max(1, COLS_ELEMENTS // max(1, x.B * x.Hq * (blk.q1 - blk.q0)))
+    for first, count, w in kb.groups():
+        lo, hi = max(first, blk.c_lo), min(first + count, blk.c_hi)
+        step = max(1, cols // w)
+        for c0 in range(lo, hi, step):
+            c1 = min(c0 + step, hi)
+            kind = Tile.FULL if x.mask is None else x.mask.classify(blk.q0, blk.q1, e[c0], e[c1], x.ctx)
+            if kind is not Tile.EMPTY:
+                yield e[c0], e[c1], c0, c1, w, kind
+
+
+def _finite_fix(x: AttentionInputs, e: Tensor, sc: Tensor) -> Tensor:
+    """e * (s - c), 0 where e is 0 (a -inf score from a modifier gives 0 * -inf = NaN otherwise)."""
+    prod = e * sc
+    return torch.where(e > 0, prod, 0.0) if x.mods else prod
+
+
+def layer_maps(
+    t: Tiles, qb: Bins, kb: Bins, stats: tuple[str, ...], query_rows: list[int]
+) -> tuple[LayerMaps, Tensor]:
+    """Pooled maps, received attention, entropy and exact rows of one call; and 1/Z (B, Hq, Sq)."""
+    x = t.inputs
+    B, Hq, cd = x.B, x.Hq, t.q.dtype
+    received = torch.zeros(B, Hq, x.Sk, dtype=cd)
+    entropy = torch.zeros(B, Hq, x.Sq, dtype=cd)
+    inv_z = torch.zeros(B, Hq, x.Sq, dtype=cd)
+    sink = t.sink_shift()
+    tiles: list[tuple[int, int, int, int, dict[str, Tensor]]] = []
+    store: dict[str, Tensor] = {}
+    for blk in blocks(t, qb, kb):
+        rows, nr = blk.q1 - blk.q0, blk.r1 - blk.r0
+        span = blk.c_hi - blk.c_lo
+        if not tiles or tiles[-1][:2] != (blk.r0, blk.r1):
+            store = {s: torch.zeros(B, Hq, nr, span, dtype=cd) for s in stats}
+            tiles.append((blk.r0, blk.r1, blk.c_lo, blk.c_hi, store))
+        z = torch.zeros(B, Hq, rows, dtype=cd)
+        esc = torch.zeros(B, Hq, rows, dtype=cd)  # sum_j e (s - c)
+        row_sum = torch.zeros(B, Hq, rows, span, dtype=cd) if "mean" in stats else None
+        row_max = torch.zeros(B, Hq, rows, span, dtype=cd) if "max" in stats else None
+        kept: list[tuple[int, int, Tensor]] | None = []
+        held = 0
+        for k0, k1, c0, c1, cw, kind in chunks(t, kb, blk):
+            e, sc = t.exps(slice(blk.q0, blk.q1), k0, k1, kind)
+            z += e.sum(-1)
+            esc += _finite_fix(x, e, sc).sum(-1)
+            ev = e.view(B, Hq, rows, c1 - c0, cw)
+            if row_sum is not None:
+                row_sum[..., c0 - blk.c_lo : c1 - blk.c_lo] = ev.sum(-1).div_(cw)
+            if row_max is not None:
+                row_max[..., c0 - blk.c_lo : c1 - blk.c_lo] = ev.amax(-1)
+            held += e.numel() * e.element_size()
+            if kept is not None and held <= KEEP_BYTES:
+                kept.append((k0, k1, e))
+            else:
+                kept = None
+        if sink is not None:  # the sink is one more outcome of the softmax
+            ss = sink[:, :, blk.q0 : blk.q1]
+            es = torch.exp(ss)
+            z += es
+            esc += es * ss
+        iz = torch.where(z > 0, 1.0 / z, 0.0)
+        inv_z[:, :, blk.q0 : blk.q1] = iz
+        # H = -sum p log p with p = e / Z, log p = (s - c) - log Z
+        entropy[:, :, blk.q0 : blk.q1] = torch.where(z > 0, torch.log(z) - esc * iz, 0.0)
+        if row_sum is not None:
+            store["mean"] += (row_sum * iz.unsqueeze(-1)).view(B, Hq, nr, -1, span).sum(3).div_(blk.rw)
+        if row_max is not None:
+            m = (row_max * iz.unsqueeze(-1)).view(B, Hq, nr, -1, span).amax(3)
+            torch.maximum(store["max"], m, out=store["max"])
+        w = iz.unsqueeze(-2)  # (B, Hq, 1, rows): received = sum over rows of e / Z
+        if kept is not None:
+            for k0, k1, e in kept:
+                received[:, :, k0:k1] += (w @ e).squeeze(-2)
+        else:
+            for k0, k1, _, _, _, kind in chunks(t, kb, blk):
+                e, _ = t.exps(slice(blk.q0, blk.q1), k0, k1, kind)
+                received[:, :, k0:k1] += (w @ e).squeeze(-2)
+    rows_t = exact_rows(t, inv_z, query_rows) if query_rows else None
+    lm = LayerMaps(tiles=tiles, received=received.float(), entropy=entropy.float(), rows=rows_t)
+    return lm, inv_z
+
+
+def exact_rows(t: Tiles, inv_z: Tensor, query_rows: list[int]) -> Tensor:
+    """(B, Hq, n, Sk) exact weights of the given query positions."""
+    x = t.inputs
+    idx = torch.tensor(query_rows, dtype=torch.long)
+    out = torch.zeros(x.B, x.Hq, len(query_rows), x.Sk, dtype=t.q.dtype)
+    step = max(1, COLS_ELEMENTS // max(1, x.B * x.Hq * len(query_rows)))
+    kind = Tile.FULL if x.mask is None else Tile.PARTIAL
+    for k0 in range(0, x.Sk, step):
+        k1 = min(k0 + step, x.Sk)
+        e, _ = t.exps(idx, k0, k1, kind)
+        out[..., k0:k1] = e * inv_z[:, :, idx].unsqueeze(-1)
+    return out.float()
+
+
+def rollout_step(t: Tiles, inv_z: Tensor, qb: Bins, kb: Bins, v: Tensor, residual: float) -> Tensor:
+    """v (B, n, Sq) -> v · (residual·I + (1 - residual)·mean_h A_h), (B, n, Sk): weighted column sums."""
+    x = t.inputs
+    B, Hq = x.B, x.Hq
+    u = torch.zeros(B, v.shape[1], x.Sk, dtype=v.dtype)
+    for blk in blocks(t, qb, kb):
+        r = blk.q1 - blk.q0
+        # (B, n, Hq*r): row weights times each head's 1/Z; the head sum folds into the matmul
+        vb = (v[:, :, None, blk.q0 : blk.q1] * inv_z[:, None, :, blk.q0 : blk.q1].to(v.dtype)).reshape(
+            B, -1, Hq * r
+        )
+        for k0, k1, _, _, _, kind in chunks(t, kb, blk):
+            e, _ = t.exps(slice(blk.q0, blk.q1), k0, k1, kind)
+            u[:, :, k0:k1] += vb @ e.to(v.dtype).reshape(B, Hq * r, k1 - k0)
+    return residual * v + (1 - residual) / Hq * u
