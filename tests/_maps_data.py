@@ -70,6 +70,16 @@ def small_maps(layers: int = 3, heads: int = 2, S: int = 64, resolution: int = 3
     return m
 
 
+def _causal_rows(heads: int, n: int, positions: list[int], gen: torch.Generator) -> Tensor:
+    """(1, heads, len(positions), n) softmax rows over keys 0..p with a strong first-key sink, noisy logits."""
+    logits = 1.5 * torch.randn(heads, len(positions), n, generator=gen)
+    logits[..., 0] += 8.0
+    keys = torch.arange(n)
+    for r, p in enumerate(positions):
+        logits[:, r, keys > p] = float("-inf")
+    return logits.softmax(-1)[None]
+
+
 def smollm2_16k_shaped(n: int = 16384, layers: int = 30, heads: int = 9, distinct: int = 4) -> AttentionMaps:
     """A recording shaped like 16K-token SmolLM2 (512-bin resolution -> 501 x 501 bins, 4 sinks).
 
@@ -107,11 +117,11 @@ def smollm2_16k_shaped(n: int = 16384, layers: int = 30, heads: int = 9, distinc
         entropy = torch.log1p(torch.arange(n).float()).expand(1, heads, n) * (
             0.5 + 0.5 * torch.rand(1, heads, 1)
         )
-        rows = torch.rand(1, heads, 2, n, generator=gen) * 1e-4
+        rows = _causal_rows(heads, n, [n // 2, n - 1], gen)
         out.append(
             LayerMaps([(0, R, 0, R, {"mean": mean, "max": mx})], received, entropy, rows, f"layers.{li}")
         )
-    rollout = torch.rand(1, 1, n, generator=gen) * 1e-4
+    rollout = _causal_rows(1, n, [n - 1], gen)[0]
     tokens = [f" tok{p % 997}" for p in range(n)]
     meta = {"model": "SmolLM2-135M-Instruct (synthetic shape)", "N": n, "timings": {"record_s": 1.5}}
     return AttentionMaps(

@@ -274,6 +274,21 @@ def test_mean_only_no_rows_odd_meta_batch(tmp_path: Path) -> None:
     assert d["meta"]["nan"] == "nan" and d["meta"]["t"] == [1.5, 2.0] and d["meta"]["3"] == "three"
 
 
+def test_fewer_queries_than_keys_and_an_all_zero_map() -> None:
+    """Sq < Sk (queries at the end of the keys, as after a cache) gives R != C bins and curves of their own
+    lengths; a head that attended nothing (all 0) decodes to all 0."""
+    w = small_weights(layers=2, heads=2, S=96)
+    w = [x[:, :, -24:] / x[:, :, -24:].sum(-1, keepdim=True) for x in w]
+    w[1][:, 1] = 0
+    m = from_dense(w, resolution=32, sink_tokens=2)
+    d = data_of(render_html(m))
+    R, C = len(d["axes"]["hq"]["labels"]), len(d["axes"]["hk"]["labels"])
+    assert (len(m.q_bins), len(m.k_bins)) == (R, C) and R < C
+    assert (len(d["axes"]["cq"]["labels"]), len(d["axes"]["ck"]["labels"])) == (24, 96)
+    got = heads_of(d, "mean", 1)
+    assert got.shape == (2, R, C) and not got[1].any() and got[0].any()
+
+
 def test_pooling_further_is_exact() -> None:
     """Merging recorded bins gives the token-weighted mean / the max of the dense weights over the merged
     bins, with the sink bins kept alone."""
@@ -343,7 +358,7 @@ def test_16k_smollm2_shaped_fits_5mb(big_report: tuple[Path, dict[str, Any], Any
     size = path.stat().st_size
     print(f"\n16K SmolLM2-shaped report: {info}")
     assert size == info["bytes"] <= MB5
-    assert size > MB5 // 3, "the budget should be used, not wasted"
+    assert size > MB5 // 2, "what the head maps leave should go to curves and means, not be wasted"
     assert info["layers"] == 30 and info["heads"] == 9
     assert 48 <= info["head_resolution"] <= 501 and info["head_bins"][0] == info["head_resolution"]
     assert info["overview_bins"][0] >= info["head_resolution"]
@@ -370,7 +385,9 @@ def test_max_rows_is_respected(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- browser
-def _chromium() -> str:
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """Debian's chromium (or chromium-browser); the browser tests skip, saying how to install it, without."""
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
         pytest.skip(
@@ -421,10 +438,10 @@ def _crop(img: torch.Tensor, rect: str | None) -> torch.Tensor:
     return img[y : y + h, x : x + w]
 
 
-def test_browser_draws_deep_linked_views(small: Any, tmp_path: Path) -> None:
+def test_browser_draws_deep_linked_views(chromium: str, small: Any, tmp_path: Path) -> None:
     """Two hashes give two drawn views (the marker proves the scripts ran and which view); the heatmaps are
     far from blank and differ."""
-    exe = _chromium()
+    exe = chromium
     path = tmp_path / "report.html"
     write_html(small, path)
     views = {  # layer 0 head 0: a local head; layer 1 head 1: key stripes (tests/_maps_data.py)
@@ -444,10 +461,10 @@ def test_browser_draws_deep_linked_views(small: Any, tmp_path: Path) -> None:
     assert diff > 10, f"the two views look alike (mean abs difference {diff:.1f})"
 
 
-def test_browser_hash_fallback_and_deep_linked_cell(small: Any, tmp_path: Path) -> None:
+def test_browser_hash_fallback_and_deep_linked_cell(chromium: str, small: Any, tmp_path: Path) -> None:
     """A bad hash falls back to the defaults, layer=mean forces head=mean, and a deep-linked cell shows its
     query / key labels and value, the tokens' markup as text."""
-    exe = _chromium()
+    exe = chromium
     path = tmp_path / "report.html"
     write_html(small, path)
     page = _open(exe, f"{path.as_uri()}#layer=99&head=x&stat=nope", tmp_path)
@@ -467,8 +484,10 @@ def test_browser_hash_fallback_and_deep_linked_cell(small: Any, tmp_path: Path) 
     assert html.unescape(hover).startswith(f"query {q}\nkey   {k_shown}\nmean weight \u2248 ")
 
 
-def test_browser_draws_the_16k_report(big_report: tuple[Path, dict[str, Any], Any], tmp_path: Path) -> None:
+def test_browser_draws_the_16k_report(
+    chromium: str, big_report: tuple[Path, dict[str, Any], Any], tmp_path: Path
+) -> None:
     """The 5 MB page unpacks and draws in headless chromium: last layer, last head, max."""
-    exe = _chromium()
+    exe = chromium
     page = _open(exe, f"{big_report[0].as_uri()}#layer=29&head=8&stat=max", tmp_path)
     assert page.get("data-rendered") == "layer=29 head=8 stat=max" and "data-error" not in page

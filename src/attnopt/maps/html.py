@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import dataclasses
 import html
 import json
 import math
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ _CHUNK_BYTES = 64 << 20  # float32 bytes of the layers processed together
 _QUANTILE_SAMPLE = 8192  # entries per image the colour scale's low end is estimated from
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Level:
     """One size level: bins per axis of each head's map, of the overview maps, and points per curve."""
 
@@ -65,13 +65,14 @@ class _Level:
 
 
 _OVERVIEW_STEPS = (512, 384, 256, 192, 128, 96, 64, 48, 32, 24, 16)
+_CURVE_STEPS = (2048, 1024, 512, 256, 128)
 
 
 def _level(r: int) -> _Level:
     """The level whose head maps have at most r bins per axis: the mean-of-heads maps get about 1.5 r (on a
     fixed ladder, so that levels share them), the curves 8 r points rounded down to a power of 2."""
     overview = max(r, next(o for o in _OVERVIEW_STEPS if o <= max(16, 3 * r // 2)))
-    curve = min(MAX_CURVE_POINTS, 1 << (8 * r).bit_length() - 1)
+    curve = next(c for c in _CURVE_STEPS if c <= max(_CURVE_STEPS[-1], min(MAX_CURVE_POINTS, 8 * r)))
     return _Level(r, min(overview, MAX_OVERVIEW), curve)
 
 
@@ -328,7 +329,8 @@ def _render(maps: AttentionMaps, title: str | None, max_bytes: int) -> tuple[str
     """The page at the largest size level that fits ``max_bytes``, and its info dict.
 
     The level is found by bisection on an estimate (all layers' head maps extrapolated from a few sample
-    layers); the page is then built and measured, a level lower at a time while it does not fit."""
+    layers); the page is then built and measured, a level lower at a time while it does not fit. What the
+    head maps leave of the budget then goes to finer curves and finer mean-of-heads maps."""
     _check(maps, title, max_bytes)
     title = title if title is not None else str(maps.meta.get("model") or "Attention maps")
     report = _Report(maps, title)
@@ -341,9 +343,10 @@ def _render(maps: AttentionMaps, title: str | None, max_bytes: int) -> tuple[str
         else:
             lo = mid + 1
     for level in levels[lo:]:
-        page, info = report.page(level)
-        if info["bytes"] <= max_bytes:
-            return page, info
+        heads = report.head_blobs(level[0].heads, list(range(maps.num_layers)))
+        page = report.assemble(level, heads)
+        if len(page.encode("utf-8")) <= max_bytes:
+            return report.finer_extras(level, heads, page, max_bytes)
     last = levels[-1]
     raise ValueError(
         f"max_bytes={max_bytes}: too small; even with {len(last[1])}x{len(last[2])} bins per head "
@@ -422,7 +425,7 @@ class _Report:
             self._curves[points] = _curves(self.maps, points)
         return self._curves[points]
 
-    def _assemble(self, level: tuple[_Level, Bins, Bins], heads: dict[str, dict[int, Any]]) -> str:
+    def assemble(self, level: tuple[_Level, Bins, Bins], heads: dict[str, dict[int, Any]]) -> str:
         lv, qb, kb = level
         return _page(
             self.maps, self.title, lv, heads, qb, kb, self.overview(lv.overview), self.curves(lv.curve)
@@ -433,23 +436,42 @@ class _Report:
         lv = level[0]
         if lv not in self._estimates:
             heads = self.head_blobs(lv.heads, self.sample)
-            size = len(self._assemble(level, heads).encode("utf-8"))
+            size = len(self.assemble(level, heads).encode("utf-8"))
             rest = self.maps.num_layers / len(self.sample) - 1
             self._estimates[lv] = int(size + 1.05 * rest * _blob_chars(heads))
         return self._estimates[lv]
 
-    def page(self, level: tuple[_Level, Bins, Bins]) -> tuple[str, dict[str, Any]]:
-        """The page at ``level`` and what ``write_html`` reports about it."""
+    def finer_extras(
+        self, level: tuple[_Level, Bins, Bins], heads: dict[str, dict[int, Any]], page: str, max_bytes: int
+    ) -> tuple[str, dict[str, Any]]:
+        """With the head maps fixed, step the curves, then the mean-of-heads maps, up while the page still fits
+        ``max_bytes``; the final page and what ``write_html`` reports about it."""
         lv, qb, kb = level
-        page = self._assemble(level, self.head_blobs(lv.heads, list(range(self.maps.num_layers))))
-        return page, _info(
-            self.maps,
-            lv,
-            len(page.encode("utf-8")),
-            qb,
-            kb,
-            self.overview(lv.overview),
-            self.curves(lv.curve),
+        m = self.maps
+        for field, steps, cap in (
+            ("curve", _CURVE_STEPS, MAX_CURVE_POINTS),
+            ("overview", _OVERVIEW_STEPS, MAX_OVERVIEW),
+        ):
+            for v in sorted(x for x in steps if getattr(lv, field) < x <= cap):
+                finer = dataclasses.replace(lv, **{field: v})
+                if self._stored(finer) == self._stored(lv):
+                    continue
+                candidate = self.assemble((finer, qb, kb), heads)
+                if len(candidate.encode("utf-8")) > max_bytes:
+                    break
+                lv, page = finer, candidate
+        size = len(page.encode("utf-8"))
+        return page, _info(m, lv, size, qb, kb, self.overview(lv.overview), self.curves(lv.curve))
+
+    def _stored(self, lv: _Level) -> tuple[int, ...]:
+        """Bins of the mean-of-heads maps and curve points a level stores."""
+        m = self.maps
+        ob = _coarsen(m.q_bins, lv.overview)[0], _coarsen(m.k_bins, lv.overview)[0]
+        return (
+            len(ob[0]),
+            len(ob[1]),
+            len(_curve_bins(m.Sq, lv.curve, m.q_bins.sinks)),
+            len(_curve_bins(m.Sk, lv.curve, m.k_bins.sinks)),
         )
 
 
