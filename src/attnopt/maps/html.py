@@ -18,10 +18,10 @@ smaller ones get code 1), zlib-compressed (rows stored minus the row above when 
 embedded as base64; the page unpacks it with ``DecompressionStream``. Head maps are pooled further (the
 token-weighted mean of the means, or the max of the maxima; sink bins stay alone) by merging 1, 2, 3, ...
 recorded bins per axis: the page takes the finest of these, from at most 512 down to 16 bins per axis,
-that keeps the file within ``max_bytes``. The mean-of-heads / mean-of-layers maps keep 1.5 times as many
-bins (at most 512) and the curves up to 2048 points (received and exact rows: max over each span,
-entropy: mean). The level is found by bisection on a size estimate made from a few sample layers, then
-the page is built and measured.
+that keeps the file within ``max_bytes`` (bisection on a size estimate made from a few sample layers, then
+the page is built and measured). What the head maps leave then goes to the curves (up to 2048 points;
+received and exact rows: max over each span, entropy: mean) and to the mean-of-heads / mean-of-layers maps
+(at least 1.5 times the head bins, up to 512 per axis).
 """
 
 from __future__ import annotations
