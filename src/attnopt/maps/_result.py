@@ -87,7 +87,7 @@ class LayerMaps:
     in bin units; bins outside every tile are exactly 0 (nothing attended there)."""
 
     tiles: list[tuple[int, int, int, int, dict[str, Tensor]]]
-    received: Tensor  # (B, H, Sk): sum over queries of the weights each key gets
+    received: Tensor  # (B, H, Sk): sum over queries of the weights each key gets (float32; float64 inputs: float64)
     entropy: Tensor  # (B, H, Sq): entropy (nats) of each query's softmax (a sink logit counts as an outcome)
     rows: Tensor | None = None  # (B, H, n, Sk): exact weights of the chosen query rows
     name: str = ""
@@ -269,29 +269,31 @@ def from_dense(
     tokens: list[str] | None = None,
 ) -> AttentionMaps:
     """The same views computed the obvious way from dense (B, H, Sq, Sk) weights per layer (eager's
-    ``output_attentions``), in float64: the oracle the tile-wise recorder is tested against."""
+    ``output_attentions``), in float64, stored in float32 (float64 for float64 weights): the oracle the
+    tile-wise recorder is tested against."""
     if not weights:
         raise ValueError("weights: an empty sequence; expected one (B, H, Sq, Sk) tensor per layer")
     Sq, Sk = weights[0].shape[-2:]
     qb, kb = Bins.make(Sq, resolution, sink_tokens), Bins.make(Sk, resolution, sink_tokens)
     layers = []
     for w in weights:
+        dt = w.dtype if w.dtype == torch.float64 else torch.float32
         w = w.double()
         mean = _pool(w, qb, kb, "mean")
         mx = _pool(w, qb, kb, "max")
         ent = -torch.special.xlogy(w, w).sum(-1)
-        rows = w[:, :, list(query_rows)].float() if query_rows else None
+        rows = w[:, :, list(query_rows)].to(dt) if query_rows else None
         layers.append(
             LayerMaps(
-                tiles=[(0, len(qb), 0, len(kb), {"mean": mean.float(), "max": mx.float()})],
-                received=w.sum(-2).float(),
-                entropy=ent.float(),
+                tiles=[(0, len(qb), 0, len(kb), {"mean": mean.to(dt), "max": mx.to(dt)})],
+                received=w.sum(-2).to(dt),
+                entropy=ent.to(dt),
                 rows=rows,
             )
         )
     rollout = None
     if rollout_rows:
-        rollout = dense_rollout(weights)[:, list(rollout_rows)].float()
+        rollout = dense_rollout(weights)[:, list(rollout_rows)].to(layers[0].received.dtype)
     return AttentionMaps(qb, kb, layers, STATS, tokens, list(query_rows), list(rollout_rows), rollout)
 
 

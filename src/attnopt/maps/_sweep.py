@@ -26,7 +26,25 @@ from ._result import Bins, LayerMaps
 ROWS = 64  # query rows per block (whole bins when they are narrower; wider bins are split)
 COLS_ELEMENTS = 1 << 20  # weights per tile: 4 MiB in float32, cache-sized
 KEEP_BYTES = 64 << 20  # a block's tiles are kept for the received pass when they fit in this
+MIN_MM = 16  # rows and columns of the smallest score product (see Tiles.shifted)
 MAX_BIN = 8192  # widest bin; beyond it a single column chunk would not be cache-sized
+
+
+class Workspace:
+    """Reused buffers for the per-tile temporaries: a sweep allocates them once, not once per tile (freed
+    tiles of a few MiB each would otherwise stay in the allocator's heap and raise the process's RSS)."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        n = 1
+        for d in shape:
+            n *= d
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = self._bufs[name] = torch.empty(n, dtype=dtype)
+        return buf[:n].view(shape)
 
 
 @dataclass(frozen=True)
@@ -49,19 +67,34 @@ class Tiles:
         c = torch.where(torch.isfinite(c), c, 0.0)
         return cls(inputs, q.reshape(B, Hkv, Hq // Hkv, Sq, D), k, c)
 
-    def shifted(self, rows: Tensor | slice, k0: int, k1: int, kind: Tile) -> tuple[Tensor, Tensor | None]:
+    def shifted(
+        self, rows: Tensor | slice, k0: int, k1: int, kind: Tile, ws: Workspace | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """s - c (B, Hq, r, k1-k0) for query rows ``rows`` (a slice or positions), and the keep mask of a
-        PARTIAL tile (its masked entries of s - c are finite garbage: zero their weights with it)."""
+        PARTIAL tile (its masked entries of s - c are finite garbage: zero their weights with it). With a
+        workspace, the scores are written into its buffer (no allocation per tile)."""
         x = self.inputs
-        B, Hq = x.B, x.Hq
-        q = self.q[:, :, :, rows]  # (B, Hkv, G, r, D)
-        r = q.shape[3]
-        kb = self.k[:, :, k0:k1]
-        s = q.reshape(B, x.Hkv, -1, x.D) @ kb.transpose(-1, -2)  # (B, Hkv, G*r, bk)
+        B, Hq, G = x.B, x.Hq, x.Hq // x.Hkv
+        # Products of at least MIN_MM rows and columns: BLAS takes another kernel for thinner ones (another
+        # summation order), and the scores would then differ from eager's q @ k^T in the last bit.
+        idx = torch.arange(x.Sq)[rows] if isinstance(rows, slice) else rows
+        r = idx.numel()
+        if G * r < MIN_MM:  # pad the rows (each product is computed on its own; the extra ones are dropped)
+            idx = torch.cat([idx, idx[:1].expand(-(-MIN_MM // G) - r)])
+        a0 = max(0, min(k0, x.Sk - MIN_MM))
+        a1 = max(k1, min(a0 + MIN_MM, x.Sk))
+        q = self.q[:, :, :, rows] if idx.numel() == r else self.q[:, :, :, idx]  # (B, Hkv, G, r', D)
+        kb = self.k[:, :, a0:a1]
+        qf = q.reshape(B, x.Hkv, -1, x.D)
+        if ws is None:
+            s = qf @ kb.transpose(-1, -2)  # (B, Hkv, G*r', a1-a0)
+        else:
+            out = ws.get("s", (B, x.Hkv, qf.shape[2], a1 - a0), qf.dtype)
+            s = torch.matmul(qf, kb.transpose(-1, -2), out=out)
         if x.similarity == "euclidean":  # -|q - k|^2 = 2 q.k - |q|^2 - |k|^2
             qq = (q * q).sum(-1).reshape(B, x.Hkv, -1, 1)
             s = 2 * s - qq - (kb * kb).sum(-1).unsqueeze(-2)
-        s = s.view(B, Hq, r, k1 - k0).mul_(x.scale)
+        s = s.view(B, Hq, -1, a1 - a0)[:, :, :r, k0 - a0 : k1 - a0].mul_(x.scale)
         keep = None
         if x.mods or kind is Tile.PARTIAL:
             b, h, _, j = tile_indices(x.ctx, 0, 1, k0, k1)
@@ -70,16 +103,27 @@ class Tiles:
                 s = mod(s, b, h, i, j, x.ctx).to(s.dtype)
             if kind is Tile.PARTIAL:
                 assert x.mask is not None
-                keep = x.mask.keep(b, h, i, j, x.ctx).expand(s.shape)
+                keep = x.mask.keep(b, h, i, j, x.ctx)
         s -= self.c[:, :, rows].unsqueeze(-1)
         return s, keep
 
-    def exps(self, rows: Tensor | slice, k0: int, k1: int, kind: Tile) -> tuple[Tensor, Tensor]:
-        """(e, s - c): e = exp(s - c), exactly 0 where masked."""
-        sc, keep = self.shifted(rows, k0, k1, kind)
-        e = torch.exp(sc)
+    def exps(
+        self,
+        rows: Tensor | slice,
+        k0: int,
+        k1: int,
+        kind: Tile,
+        ws: Workspace | None = None,
+        out: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """(e, s - c): e = exp(s - c), exactly 0 where masked (written into ``out`` if given). Where a
+        modifier made a score -inf, s - c is clamped to the lowest finite value so e * (s - c) is 0."""
+        sc, keep = self.shifted(rows, k0, k1, kind, ws)
+        e = torch.exp(sc, out=out) if out is not None else torch.exp(sc)
         if keep is not None:
-            e = torch.where(keep, e, 0.0)
+            e.mul_(keep)
+        if self.inputs.mods:
+            sc.clamp_(min=torch.finfo(sc.dtype).min)
         return e, sc
 
     def sink_shift(self) -> Tensor | None:
@@ -140,12 +184,6 @@ def chunks(t: Tiles, kb: Bins, blk: Block) -> Iterator[tuple[int, int, int, int,
                 yield e[c0], e[c1], c0, c1, w, kind
 
 
-def _finite_fix(x: AttentionInputs, e: Tensor, sc: Tensor) -> Tensor:
-    """e * (s - c), 0 where e is 0 (a -inf score from a modifier gives 0 * -inf = NaN otherwise)."""
-    prod = e * sc
-    return torch.where(e > 0, prod, 0.0) if x.mods else prod
-
-
 def layer_maps(
     t: Tiles, qb: Bins, kb: Bins, stats: tuple[str, ...], query_rows: list[int]
 ) -> tuple[LayerMaps, Tensor]:
@@ -156,6 +194,10 @@ def layer_maps(
     entropy = torch.zeros(B, Hq, x.Sq, dtype=cd)
     inv_z = torch.zeros(B, Hq, x.Sq, dtype=cd)
     sink = t.sink_shift()
+    ws = Workspace()
+    most_rows = max((b.q1 - b.q0 for b in blocks(t, qb, kb)), default=0)
+    fits = B * Hq * most_rows * x.Sk * cd.itemsize <= KEEP_BYTES
+    ebuf = torch.empty(B, Hq, most_rows, x.Sk, dtype=cd) if fits else None  # a block's weights, kept
     tiles: list[tuple[int, int, int, int, dict[str, Tensor]]] = []
     store: dict[str, Tensor] = {}
     for blk in blocks(t, qb, kb):
@@ -168,22 +210,19 @@ def layer_maps(
         esc = torch.zeros(B, Hq, rows, dtype=cd)  # sum_j e (s - c)
         row_sum = torch.zeros(B, Hq, rows, span, dtype=cd) if "mean" in stats else None
         row_max = torch.zeros(B, Hq, rows, span, dtype=cd) if "max" in stats else None
-        kept: list[tuple[int, int, Tensor]] | None = []
-        held = 0
+        done: list[tuple[int, int, Tensor]] = []  # with ebuf: the block's weights, for the received pass
         for k0, k1, c0, c1, cw, kind in chunks(t, kb, blk):
-            e, sc = t.exps(slice(blk.q0, blk.q1), k0, k1, kind)
+            out = ebuf[:, :, :rows, k0:k1] if ebuf is not None else ws.get("e", (B, Hq, rows, k1 - k0), cd)
+            e, sc = t.exps(slice(blk.q0, blk.q1), k0, k1, kind, ws, out)
             z += e.sum(-1)
-            esc += _finite_fix(x, e, sc).sum(-1)
-            ev = e.view(B, Hq, rows, c1 - c0, cw)
+            esc += sc.mul_(e).sum(-1)  # sum_j e (s - c), in the scores' buffer
+            ev = e.unflatten(-1, (c1 - c0, cw))
             if row_sum is not None:
                 row_sum[..., c0 - blk.c_lo : c1 - blk.c_lo] = ev.sum(-1).div_(cw)
             if row_max is not None:
                 row_max[..., c0 - blk.c_lo : c1 - blk.c_lo] = ev.amax(-1)
-            held += e.numel() * e.element_size()
-            if kept is not None and held <= KEEP_BYTES:
-                kept.append((k0, k1, e))
-            else:
-                kept = None
+            if ebuf is not None:
+                done.append((k0, k1, e))
         if sink is not None:  # the sink is one more outcome of the softmax
             ss = sink[:, :, blk.q0 : blk.q1]
             es = torch.exp(ss)
@@ -199,15 +238,17 @@ def layer_maps(
             m = (row_max * iz.unsqueeze(-1)).view(B, Hq, nr, -1, span).amax(3)
             torch.maximum(store["max"], m, out=store["max"])
         w = iz.unsqueeze(-2)  # (B, Hq, 1, rows): received = sum over rows of e / Z
-        if kept is not None:
-            for k0, k1, e in kept:
+        if ebuf is not None:
+            for k0, k1, e in done:
                 received[:, :, k0:k1] += (w @ e).squeeze(-2)
         else:
             for k0, k1, _, _, _, kind in chunks(t, kb, blk):
-                e, _ = t.exps(slice(blk.q0, blk.q1), k0, k1, kind)
+                e, _ = t.exps(
+                    slice(blk.q0, blk.q1), k0, k1, kind, ws, ws.get("e", (B, Hq, rows, k1 - k0), cd)
+                )
                 received[:, :, k0:k1] += (w @ e).squeeze(-2)
     rows_t = exact_rows(t, inv_z, query_rows) if query_rows else None
-    lm = LayerMaps(tiles=tiles, received=received.float(), entropy=entropy.float(), rows=rows_t)
+    lm = LayerMaps(tiles=tiles, received=received, entropy=entropy, rows=rows_t)
     return lm, inv_z
 
 
@@ -222,7 +263,7 @@ def exact_rows(t: Tiles, inv_z: Tensor, query_rows: list[int]) -> Tensor:
         k1 = min(k0 + step, x.Sk)
         e, _ = t.exps(idx, k0, k1, kind)
         out[..., k0:k1] = e * inv_z[:, :, idx].unsqueeze(-1)
-    return out.float()
+    return out
 
 
 def rollout_step(t: Tiles, inv_z: Tensor, qb: Bins, kb: Bins, v: Tensor, residual: float) -> Tensor:

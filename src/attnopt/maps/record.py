@@ -203,7 +203,7 @@ def rollout_rows_through(
     v[:, torch.arange(len(rows)), torch.tensor(rows)] = 1.0
     for t, inv_z, qb, kb in reversed(kept):
         v = rollout_step(t, inv_z, qb, kb, v, residual)
-    return v.float()
+    return v.to(kept[-1][1].dtype)
 
 
 def attention_maps(
