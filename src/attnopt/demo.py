@@ -358,6 +358,7 @@ def run(
     decode_steps_n: int = 32,
     repeats: int = 4,
     max_new_tokens: int = 40,
+    maps_dir: str = "attnopt-demo",
 ) -> int:
     import torch
     from rich.table import Table
@@ -400,6 +401,11 @@ def run(
     for (app, prompt), row in zip(APPLICATIONS, ours):
         table.add_row(app, prompt, tok.decode(row, skip_special_tokens=True).strip())
     console.print(table)
+
+    # 1b. Where the answer looked: exact attention of the QA answer's tokens over its prompt (attnopt.maps).
+    with step("attnopt.maps: exact attention of the question-answering prompt and answer"):
+        picture = qa_picture(llm, tok, batch, ours[0], maps_dir)
+    console.print(f"Attention of the QA answer over its prompt: {picture}")
 
     # 2. Semantic similarity with MiniLM on attnopt (and the same embeddings on eager, for the record).
     with step("all-MiniLM-L6-v2 on attnopt: ranking sentence pairs by cosine similarity"):
@@ -488,6 +494,23 @@ def run(
         console.print("\n".join(text.splitlines()[:2]), markup=False, highlight=False, soft_wrap=True)
     console.print(f"\ndemo finished in {time.perf_counter() - t_start:.0f} s")
     return 0
+
+
+def qa_picture(model: Any, tok: Any, batch: dict[str, Any], answer: Any, out: str) -> str:
+    """Record one forward pass of the first prompt plus its answer and draw the answer tokens' exact rows
+    (last layer, mean over heads) and their rollout over the prompt; returns the PNG's path."""
+    import torch
+
+    from attnopt.maps import plot_rows
+    from attnopt.maps.cli import record_model
+
+    prompt = batch["input_ids"][0][batch["attention_mask"][0].bool()]  # drop the left padding
+    answer = answer[answer != tok.pad_token_id] if tok.pad_token_id is not None else answer
+    ids = torch.cat([prompt, answer]).unsqueeze(0)
+    rows = list(range(prompt.numel(), ids.shape[1]))[:4] or [-1]
+    maps = record_model(model, tok, ids, resolution=512, query_rows=rows, rollout_rows=rows[:1])
+    os.makedirs(out, exist_ok=True)
+    return plot_rows(maps, os.path.join(out, "qa_attention.png"), layer=-1)
 
 
 def _arch(model: Any) -> str:
