@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -113,13 +114,16 @@ def _subtitle(payload: dict) -> str:
         r = rows[0]
         parts.append(f"B={r.get('B')} Hq={r.get('Hq')} D={r.get('D')}")
     if env.get("threads") is not None:
-        parts.append(f"{env['threads']} threads")
+        parts.append(f"{env['threads']} thread" + "s" * (env["threads"] != 1))
     if env.get("torch"):
         parts.append(f"torch {env['torch']}")
     if env.get("cpu_capability"):
         parts.append(str(env["cpu_capability"]))
     if payload.get("repeats"):
         parts.append(f"median of {payload['repeats']}")
+    load = env.get("load_avg_before")
+    if load is not None:  # how busy the (shared) machine was: times are noisier when it is high
+        parts.append(f"load avg {load} → {env.get('load_avg_after')} on {env.get('cpus')} CPUs")
     return ", ".join(parts)
 
 
@@ -209,7 +213,12 @@ def time_vs_n_figure(payload: dict) -> Any:
         fontsize=9,
         frameon=False,
     )
-    fig.suptitle(f"attnopt bench: time vs N\n{_subtitle(payload)}", fontsize=10, x=0.02, ha="left")
+    fig.suptitle(
+        f"attnopt bench: time vs N\n{textwrap.fill(_subtitle(payload), 40 * ncols)}",
+        fontsize=10,
+        x=0.02,
+        ha="left",
+    )
     return fig
 
 
@@ -270,14 +279,14 @@ def speedup_figure(payload: dict, title: str = "attnopt bench: speedup") -> Any:
     _log_ticks(ax.xaxis, "×")
     ax.axvline(1.0, color="black", linewidth=1)
     ax.set_yticks(range(len(cases)), labels, fontsize=8)
-    ax.invert_yaxis()
     ax.set_xlabel("peer time / attnopt time (ratio of medians; > 1: attnopt is faster)", fontsize=9)
     ax.grid(True, axis="x", which="major", alpha=0.3)
-    fig.legend(loc="outside right upper", fontsize=8, frameon=False)
+    ax.set_ylim(len(cases) - 0.5, -0.5)  # top to bottom in run order, no empty margins
+    fig.legend(loc="outside lower center", ncols=k, fontsize=8, frameon=False)
     sub = _subtitle(payload)
     if one_setting:
         sub = f"{cases[0][2]} {cases[0][3]}, " + sub
-    ax.set_title(f"{title}\n{sub}", fontsize=10, loc="left")
+    fig.suptitle(f"{title}\n{textwrap.fill(sub, 105)}", fontsize=10, x=0.01, ha="left")
     return fig
 
 
