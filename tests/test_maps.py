@@ -445,3 +445,21 @@ def test_minilm_bidirectional_padded_batch_equals_eager(minilm):
     # the padded keys of the short text receive nothing, in every layer
     pad = ~batch["attention_mask"][1].bool()
     assert m.received[:, 1, :, pad].abs().max() == 0
+
+
+def test_masked_out_nan_keys_weigh_nothing_and_empty_problems_work():
+    """A KV buffer holding NaN past the filled length, masked by padding: every view stays finite and equals
+    the views of the filled part alone. Sk = 0 and Sq = 0 give empty or zero views."""
+    torch.manual_seed(8)
+    q, k = torch.randn(1, 4, 40, 8, dtype=torch.float64), torch.randn(1, 2, 40, 8, dtype=torch.float64)
+    k[:, :, 30:] = float("nan")
+    m = attention_maps(q, k, mask=ao.padding([30]), resolution=40, sink_tokens=1, query_rows=[3])
+    clean = attention_maps(q, k[:, :, :30], resolution=40, sink_tokens=1, query_rows=[3])
+    torch.testing.assert_close(m.pooled(0)[..., :30], clean.pooled(0))
+    assert m.pooled(0)[..., 30:].abs().max() == 0 and m.received[..., 30:].abs().max() == 0
+    torch.testing.assert_close(m.entropy, clean.entropy)
+    torch.testing.assert_close(m.rows[..., :30], clean.rows)
+    empty_k = attention_maps(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 0, 8), resolution=4, sink_tokens=1)
+    assert empty_k.received.shape == (1, 1, 2, 0) and empty_k.entropy.abs().max() == 0
+    empty_q = attention_maps(torch.randn(1, 2, 0, 8), torch.randn(1, 2, 6, 8), resolution=4, sink_tokens=1)
+    assert empty_q.received.abs().max() == 0 and empty_q.pooled(0).shape == (2, 0, 4)

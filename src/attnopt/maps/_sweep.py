@@ -23,7 +23,8 @@ from .._inputs import AttentionInputs, acc_dtype
 from ..masks import Tile, tile_indices
 from ._result import Bins, LayerMaps
 
-ROWS = 64  # query rows per block (whole bins when they are narrower; wider bins are split)
+ROWS = 128  # query rows per block at most (whole bins when they are narrower; wider bins are split)
+MIN_ROWS = 32  # fewer rows per block than this make thin, slow score products: recompute instead
 COLS_ELEMENTS = 1 << 20  # weights per tile: 4 MiB in float32, cache-sized
 KEEP_BYTES = 64 << 20  # a block's tiles are kept for the received pass when they fit in this
 MIN_MM = 16  # rows and columns of the smallest score product (see Tiles.shifted)
@@ -120,8 +121,10 @@ class Tiles:
         modifier made a score -inf, s - c is clamped to the lowest finite value so e * (s - c) is 0."""
         sc, keep = self.shifted(rows, k0, k1, kind, ws)
         e = torch.exp(sc, out=out) if out is not None else torch.exp(sc)
-        if keep is not None:
-            e.mul_(keep)
+        if keep is not None:  # masked entries weigh exactly 0, even where q or k hold NaN/inf
+            dropped = ~keep
+            e.masked_fill_(dropped, 0.0)
+            sc.masked_fill_(dropped, 0.0)
         if self.inputs.mods:
             sc.clamp_(min=torch.finfo(sc.dtype).min)
         return e, sc
@@ -146,8 +149,9 @@ class Block:
     c_hi: int
 
 
-def blocks(t: Tiles, qb: Bins, kb: Bins) -> Iterator[Block]:
+def blocks(t: Tiles, qb: Bins, kb: Bins, rows: int | None = None) -> Iterator[Block]:
     """Row blocks over every query (those that keep no key at all included: their views are 0)."""
+    rows = rows or ROWS
     x = t.inputs
     widest = int(torch.cat([qb.edges.diff(), kb.edges.diff()]).max()) if x.Sq and x.Sk else 0
     if widest > MAX_BIN:
@@ -157,16 +161,16 @@ def blocks(t: Tiles, qb: Bins, kb: Bins) -> Iterator[Block]:
         )
     e = qb.edges.tolist()
     for first, count, w in qb.groups():
-        step = max(1, ROWS // w)
+        step = max(1, rows // w)
         for r0 in range(first, first + count, step):
             r1 = min(r0 + step, first + count)
             lo, hi = (0, x.Sk) if x.mask is None else x.mask.key_range(e[r0], e[r1], x.ctx)
             c_lo, c_hi = (kb.bin_of(lo), kb.bin_of(hi - 1) + 1) if lo < hi else (0, 0)
-            if w <= ROWS:
+            if w <= rows:
                 yield Block(e[r0], e[r1], r0, r1, w, c_lo, c_hi)
-            else:  # one wide bin, in blocks of ROWS rows that add into the same pooled row
-                for q0 in range(e[r0], e[r1], ROWS):
-                    yield Block(q0, min(q0 + ROWS, e[r1]), r0, r1, w, c_lo, c_hi)
+            else:  # one wide bin, in blocks of `rows` rows that add into the same pooled row
+                for q0 in range(e[r0], e[r1], rows):
+                    yield Block(q0, min(q0 + rows, e[r1]), r0, r1, w, c_lo, c_hi)
 
 
 def chunks(t: Tiles, kb: Bins, blk: Block) -> Iterator[tuple[int, int, int, int, int, Tile]]:
@@ -195,58 +199,57 @@ def layer_maps(
     inv_z = torch.zeros(B, Hq, x.Sq, dtype=cd)
     sink = t.sink_shift()
     ws = Workspace()
-    most_rows = max((b.q1 - b.q0 for b in blocks(t, qb, kb)), default=0)
+    # Blocks of as many rows (up to ROWS) as let a whole block's weights stay in ebuf for pass 2; when
+    # fewer than MIN_ROWS would fit (very long keys), pass 2 recomputes them instead.
+    fit = KEEP_BYTES // max(1, B * Hq * x.Sk * cd.itemsize)
+    per_block = min(ROWS, fit) if fit >= MIN_ROWS else ROWS
+    most_rows = max((b.q1 - b.q0 for b in blocks(t, qb, kb, per_block)), default=0)
     fits = B * Hq * most_rows * x.Sk * cd.itemsize <= KEEP_BYTES
     ebuf = torch.empty(B, Hq, most_rows, x.Sk, dtype=cd) if fits else None  # a block's weights, kept
     tiles: list[tuple[int, int, int, int, dict[str, Tensor]]] = []
     store: dict[str, Tensor] = {}
-    for blk in blocks(t, qb, kb):
+    for blk in blocks(t, qb, kb, per_block):
         rows, nr = blk.q1 - blk.q0, blk.r1 - blk.r0
         span = blk.c_hi - blk.c_lo
         if not tiles or tiles[-1][:2] != (blk.r0, blk.r1):
             store = {s: torch.zeros(B, Hq, nr, span, dtype=cd) for s in stats}
             tiles.append((blk.r0, blk.r1, blk.c_lo, blk.c_hi, store))
+        sl = slice(blk.q0, blk.q1)
+        # Pass 1: the normalizer Z and sum_j e (s - c) of every row of the block.
         z = torch.zeros(B, Hq, rows, dtype=cd)
-        esc = torch.zeros(B, Hq, rows, dtype=cd)  # sum_j e (s - c)
-        row_sum = torch.zeros(B, Hq, rows, span, dtype=cd) if "mean" in stats else None
-        row_max = torch.zeros(B, Hq, rows, span, dtype=cd) if "max" in stats else None
-        done: list[tuple[int, int, Tensor]] = []  # with ebuf: the block's weights, for the received pass
-        for k0, k1, c0, c1, cw, kind in chunks(t, kb, blk):
+        esc = torch.zeros(B, Hq, rows, dtype=cd)
+        done = list(chunks(t, kb, blk))
+        for k0, k1, _, _, _, kind in done:
             out = ebuf[:, :, :rows, k0:k1] if ebuf is not None else ws.get("e", (B, Hq, rows, k1 - k0), cd)
-            e, sc = t.exps(slice(blk.q0, blk.q1), k0, k1, kind, ws, out)
+            e, sc = t.exps(sl, k0, k1, kind, ws, out)
             z += e.sum(-1)
-            esc += sc.mul_(e).sum(-1)  # sum_j e (s - c), in the scores' buffer
-            ev = e.unflatten(-1, (c1 - c0, cw))
-            if row_sum is not None:
-                row_sum[..., c0 - blk.c_lo : c1 - blk.c_lo] = ev.sum(-1).div_(cw)
-            if row_max is not None:
-                row_max[..., c0 - blk.c_lo : c1 - blk.c_lo] = ev.amax(-1)
-            if ebuf is not None:
-                done.append((k0, k1, e))
+            esc += sc.mul_(e).sum(-1)  # in the scores' buffer
         if sink is not None:  # the sink is one more outcome of the softmax
-            ss = sink[:, :, blk.q0 : blk.q1]
+            ss = sink[:, :, sl]
             es = torch.exp(ss)
             z += es
             esc += es * ss
         iz = torch.where(z > 0, 1.0 / z, 0.0)
-        inv_z[:, :, blk.q0 : blk.q1] = iz
+        inv_z[:, :, sl] = iz
         # H = -sum p log p with p = e / Z, log p = (s - c) - log Z
-        entropy[:, :, blk.q0 : blk.q1] = torch.where(z > 0, torch.log(z) - esc * iz, 0.0)
-        if row_sum is not None:
-            store["mean"] += (row_sum * iz.unsqueeze(-1)).view(B, Hq, nr, -1, span).sum(3).div_(blk.rw)
-        if row_max is not None:
-            m = (row_max * iz.unsqueeze(-1)).view(B, Hq, nr, -1, span).amax(3)
-            torch.maximum(store["max"], m, out=store["max"])
-        w = iz.unsqueeze(-2)  # (B, Hq, 1, rows): received = sum over rows of e / Z
-        if ebuf is not None:
-            for k0, k1, e in done:
-                received[:, :, k0:k1] += (w @ e).squeeze(-2)
-        else:
-            for k0, k1, _, _, _, kind in chunks(t, kb, blk):
-                e, _ = t.exps(
-                    slice(blk.q0, blk.q1), k0, k1, kind, ws, ws.get("e", (B, Hq, rows, k1 - k0), cd)
-                )
-                received[:, :, k0:k1] += (w @ e).squeeze(-2)
+        entropy[:, :, sl] = torch.where(z > 0, torch.log(z) - esc * iz, 0.0)
+        # Pass 2: weights p = e / Z (kept in ebuf, else recomputed), pooled over the rows of each bin first
+        # (an elementwise sum / max across rows), then over each key bin's columns on the small result.
+        izc = iz.unsqueeze(-1)
+        for k0, k1, c0, c1, cw, kind in done:
+            if ebuf is not None:
+                p = ebuf[:, :, :rows, k0:k1]
+            else:
+                p, _ = t.exps(sl, k0, k1, kind, ws, ws.get("e", (B, Hq, rows, k1 - k0), cd))
+            pv = p.mul_(izc).view(B, Hq, nr, rows // nr, k1 - k0)
+            by_rows = pv.sum(3)  # (B, Hq, nr, bk)
+            received[:, :, k0:k1] += by_rows.sum(2)
+            cols = slice(c0 - blk.c_lo, c1 - blk.c_lo)
+            if "mean" in stats:
+                store["mean"][..., cols] += by_rows.unflatten(-1, (c1 - c0, cw)).sum(-1).div_(blk.rw * cw)
+            if "max" in stats:
+                m = pv.amax(3).unflatten(-1, (c1 - c0, cw)).amax(-1)
+                torch.maximum(store["max"][..., cols], m, out=store["max"][..., cols])
     rows_t = exact_rows(t, inv_z, query_rows) if query_rows else None
     lm = LayerMaps(tiles=tiles, received=received, entropy=entropy, rows=rows_t)
     return lm, inv_z
