@@ -463,3 +463,27 @@ def test_masked_out_nan_keys_weigh_nothing_and_empty_problems_work():
     assert empty_k.received.shape == (1, 1, 2, 0) and empty_k.entropy.abs().max() == 0
     empty_q = attention_maps(torch.randn(1, 2, 0, 8), torch.randn(1, 2, 6, 8), resolution=4, sink_tokens=1)
     assert empty_q.received.abs().max() == 0 and empty_q.pooled(0).shape == (2, 0, 4)
+
+
+def test_output_attentions_inside_a_recording_is_not_a_layer_and_tokens_must_match(minilm):
+    """output_attentions=True computes dense weights through attnopt too: that call is not recorded as a
+    layer of its own, and the recorded maps equal the weights the model returned."""
+    model, tok = minilm
+    batch = tok(["A short sentence about attention maps."], return_tensors="pt")
+    model.set_attn_implementation("attnopt")
+    try:
+        with record(resolution=64, sink_tokens=1) as rec, torch.no_grad():
+            out = model(**batch, output_attentions=True)
+        with (
+            pytest.raises(ValueError, match="tokens: 3 texts"),
+            record(tokens=["a", "b", "c"]),
+            torch.no_grad(),
+        ):
+            model(**batch)
+    finally:
+        model.set_attn_implementation("eager")
+    m = rec.maps
+    assert m.num_layers == 6 and not api._OBSERVERS
+    o = from_dense(list(out.attentions), resolution=64, sink_tokens=1)
+    for li in range(6):
+        torch.testing.assert_close(m.pooled(li), o.pooled(li), rtol=0, atol=1e-6)

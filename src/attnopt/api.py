@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -202,6 +203,18 @@ def attention(
         assert lse is not None, "a backend that declares supports_lse returned no lse"
         return out, lse
     return out
+
+
+@contextlib.contextmanager
+def unobserved() -> Iterator[None]:
+    """Attention calls inside are not shown to observers (a helper computation, not one of the model's
+    layers: e.g. the dense weights of output_attentions)."""
+    before = _observing[0]
+    _observing[0] = True
+    try:
+        yield
+    finally:
+        _observing[0] = before
 
 
 def _observed(q: Tensor, k: Tensor, v: Tensor, kwargs: dict[str, Any]) -> Tensor | tuple[Tensor, Tensor]:

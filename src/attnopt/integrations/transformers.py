@@ -484,7 +484,8 @@ def attention_weights(q: Tensor, k: Tensor, **kwargs: Any) -> Tensor:
     """
     B, Hkv, Sk = k.shape[0], k.shape[1], k.shape[2]
     eye = torch.eye(Sk, dtype=q.dtype, device=q.device).expand(B, Hkv, Sk, Sk)
-    return ao.attention(q, k, eye, **kwargs)
+    with ao.api.unobserved():  # not a layer of its own for attnopt.maps.record
+        return ao.attention(q, k, eye, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------- caches

@@ -139,6 +139,10 @@ class record:
             Bins.make(x.Sk, self.resolution, self.sink_tokens),
         )
         if self._bins is None:
+            if self.tokens is not None and len(self.tokens) != x.Sk:
+                raise ValueError(
+                    f"tokens: {len(self.tokens)} texts for a call with Sk={x.Sk} keys; give one text per position"
+                )
             self._bins = bins
         elif (self._bins[0].n, self._bins[1].n) != (x.Sq, x.Sk):
             raise ValueError(
