@@ -353,7 +353,7 @@ def _capture():
     return seen, observe
 
 
-def _eager_weights(fn, q, k, mask, scale, groups, padding=None):
+def _eager_weights(fn, q, k, mask, scale, groups, padding=None, exact=True):
     """transformers' own eager_attention_forward on the same q, k: its dense fp32 weights; and the float64
     softmax of the very fp32 scores eager computed (what eager's weights would be with exact arithmetic)."""
     N, Sk = q.shape[2], k.shape[2]
@@ -364,6 +364,8 @@ def _eager_weights(fn, q, k, mask, scale, groups, padding=None):
         add = add.masked_fill(~padding.bool()[:, None, None, :], torch.finfo(torch.float32).min)
     module = SimpleNamespace(num_key_value_groups=groups, training=False)
     w = fn(module, q, k, k, add, scaling=scale)[1]
+    if not exact:
+        return w, None
     s = torch.matmul(q, k.repeat_interleave(groups, 1).transpose(2, 3)) * scale  # eager's scores, bit for bit
     exact = torch.softmax(s.double() + add.double(), -1)
     return w, exact
@@ -412,7 +414,10 @@ def test_smollm2_2048_tokens_pooled_maps_and_rows_equal_eager(smollm2):
     seen, observe = _capture()
     api._OBSERVERS.append(observe)
     try:
-        with record(resolution=512, query_rows=[2047, 1000], model=model) as rec, torch.no_grad():
+        with (
+            record(resolution=512, query_rows=[2047, 1000], rollout_rows=[2047, 1000], model=model) as rec,
+            torch.no_grad(),
+        ):
             model(input_ids=ids, logits_to_keep=1)
     finally:
         api._OBSERVERS.remove(observe)
@@ -420,6 +425,14 @@ def test_smollm2_2048_tokens_pooled_maps_and_rows_equal_eager(smollm2):
     m = rec.maps
     assert (m.num_layers, m.num_heads, m.Sq) == (30, 9, 2048)
     _check_layers(m, seen, eager_attention_forward, 3, _layers(30), rows=[2047, 1000])
+    # Goal: rollout = a dense rollout <= 1e-5, the dense one from eager's weights, one layer at a time
+    v = torch.zeros(1, 2, 2048, dtype=torch.float64)
+    v[0, 0, 2047] = v[0, 1, 1000] = 1.0
+    for q, k, mask, scale in reversed(seen):
+        w = _eager_weights(eager_attention_forward, q, k, mask, scale, 3, exact=False)[0].mean(1).double()
+        v = 0.5 * v + 0.5 * v @ w
+    err = (m.rollout - v).abs().max().item()
+    assert err <= 1e-5, f"rollout: {err:.2e} from the dense rollout of eager's weights"
 
 
 def test_minilm_bidirectional_padded_batch_equals_eager(minilm):
