@@ -315,15 +315,15 @@ def test_memory_stays_linear_in_n():
         """
         import torch, attnopt as ao
         from attnopt.maps import attention_maps
-        from attnopt.maps.cli import peak_rss, peak_rss_reset, rss
+        from attnopt.bench.measure import can_reset_peak, peak_rss_bytes, rss_bytes
         torch.manual_seed(0)
         N = 12288
         q, k = torch.randn(1, 4, N, 64), torch.randn(1, 2, N, 64)
         ao.attention(q, k, k, mask=ao.causal())  # warm the kernels' own buffers
-        base = rss()
-        assert peak_rss_reset()
+        base = rss_bytes()
+        assert can_reset_peak()
         m = attention_maps(q, k, mask=ao.causal(), resolution=256, query_rows=[-1])
-        print((peak_rss() - base) / 2**20, m.nbytes() / 2**20)
+        print((peak_rss_bytes() - base) / 2**20, m.nbytes() / 2**20)
         """
     )
     r = subprocess.run(

@@ -43,6 +43,11 @@ def rss_bytes() -> int:
     return _status_kib("VmRSS") * 1024
 
 
+def peak_rss_bytes() -> int:
+    """This process's RSS high-water mark (VmHWM) since start or the last reset (can_reset_peak)."""
+    return _status_kib("VmHWM") * 1024
+
+
 def _trim(collect: bool) -> None:
     global _libc
     if collect:  # ~0.1 s with torch loaded: callers measuring many calls collect once themselves
@@ -55,6 +60,7 @@ def _trim(collect: bool) -> None:
 
 
 def can_reset_peak() -> bool:
+    """Reset the RSS high-water mark to the current RSS; False where the kernel offers no reset."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

@@ -6,41 +6,9 @@ import os
 import time
 from typing import Any
 
+from attnopt.bench.measure import can_reset_peak, peak_rss_bytes
+
 MODELS = ("smollm2", "minilm")
-
-
-def peak_rss_reset() -> bool:
-    """Reset this process's peak RSS (VmHWM) so the next reading covers only what follows; False if
-    the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss() -> int | None:
-    """Peak resident memory of this process in bytes (VmHWM), or None off Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def rss() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def load(name: str) -> tuple[Any, Any]:
@@ -154,15 +122,14 @@ def run(
     ids = prompt_tokens(tok, text, tokens, chat)
     N = ids.shape[1]
     rows = [-1] if rows is None else rows
-    base = rss()
     plain_s = plain_peak = None
     if compare:  # the plain forward pass first: time and peak memory to compare against
-        peak_rss_reset()
+        reset = can_reset_peak()
         t0 = time.perf_counter()
         forward(m, ids)
         plain_s = time.perf_counter() - t0
-        plain_peak = peak_rss()
-    peak_rss_reset()
+        plain_peak = peak_rss_bytes() if reset else None
+    resets = can_reset_peak()
     t0 = time.perf_counter()
     maps = record_model(
         m,
@@ -174,7 +141,7 @@ def run(
         rollout_rows=rows if rollout else (),
     )
     rec_s = time.perf_counter() - t0
-    rec_peak = peak_rss()
+    rec_peak = peak_rss_bytes() if resets else None
     maps.meta.update({"forward+maps s": round(rec_s, 2), "maps MiB": round(maps.nbytes() / 2**20, 1)})
     console.print(
         f"{model}: {N} tokens, {maps.num_layers} layers × {maps.num_heads} heads, "
@@ -184,7 +151,7 @@ def run(
     if compare and plain_s is not None:
         maps.meta["plain forward s"] = round(plain_s, 2)
         line = f"plain forward {plain_s:.1f} s → with maps {rec_s / plain_s:.2f}× the time"
-        if plain_peak is not None and rec_peak is not None and base is not None:
+        if plain_peak is not None and rec_peak is not None:
             extra = (rec_peak - plain_peak) / 2**20
             maps.meta["peak extra MiB"] = round(extra, 1)
             line += (
