@@ -77,3 +77,29 @@ def test_demo_qa_picture(smollm2, tmp_path):
         model.set_attn_implementation("sdpa")
     img = mpimg.imread(path)
     assert path.endswith("qa_attention.png") and img.shape[0] > 100 and img.std() > 0.01
+
+
+def test_readme_maps_snippet_runs_as_written(smollm2, tmp_path, monkeypatch):
+    """The README's "See attention" code block, on SmolLM2 with a short prompt, in an empty folder."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(
+        b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "attnopt.maps import" in b
+    )
+    model, tok = smollm2
+    monkeypatch.chdir(tmp_path)
+    model.set_attn_implementation("attnopt")
+    try:
+        scope = {
+            "model": model,
+            "input_ids": tok("Where do attention sinks come from?", return_tensors="pt").input_ids,
+        }
+        exec(compile(block, "README.md", "exec"), scope)
+    finally:
+        model.set_attn_implementation("sdpa")
+    maps = scope["maps"]
+    assert maps.num_layers == 30 and maps.rollout is not None
+    assert (tmp_path / "report.html").stat().st_size > 1000 and (tmp_path / "heads.png").stat().st_size > 1000
+    assert len(scope["attention"]) == 30 and len(scope["labels"]) == maps.Sk
