@@ -325,6 +325,50 @@ def timings() -> dict:
     return {k2: round(v2, 3) for k2, v2 in out.items()}
 
 
+def maps_checks() -> None:
+    """attnopt.maps on the device: every view against the float64 dense computation on the CPU."""
+    from attnopt.backends.reference import reference_attention
+    from attnopt.maps import attention_maps, from_dense, record
+
+    def one(mask, dtype, tol):
+        g = torch.Generator().manual_seed(0)
+        q, k = torch.randn(2, 6, 300, 32, generator=g), torch.randn(2, 2, 300, 32, generator=g)
+        m = attention_maps(
+            q.to(DEV, dtype), k.to(DEV, dtype), mask=mask, resolution=37, sink_tokens=3, query_rows=[7, -1]
+        )
+        w = reference_attention(q.double(), k.double(), k.double(), mask=mask)[2]
+        o = from_dense([w], resolution=37, sink_tokens=3, query_rows=[7, 299])
+        errs = {
+            "pooled": max(
+                (m.pooled(0, s, b).double() - o.pooled(0, s, b)).abs().max().item()
+                for s in ("mean", "max")
+                for b in (0, 1)
+            ),
+            "received": ((m.received - o.received).abs() / o.received.abs().clamp_min(1)).max().item(),
+            "rows": (m.rows.double() - o.rows).abs().max().item(),
+        }
+        assert max(errs.values()) <= tol, errs
+        return errs
+
+    for name, mask in (("none", None), ("causal", ao.causal()), ("window 40", ao.sliding_window(40))):
+        check(f"maps {name} fp32", lambda mask=mask: one(mask, torch.float32, 2e-6))
+        check(f"maps {name} fp64", lambda mask=mask: one(mask, torch.float64, 1e-9))
+
+    def rollout():
+        qs = [torch.randn(1, 4, 128, 16, dtype=torch.float64) for _ in range(3)]
+        with record(resolution=32, rollout_rows=[-1]) as rec:
+            for q in qs:
+                ao.attention(q.to(DEV), q[:, :2].to(DEV), q[:, :2].to(DEV), mask=ao.causal())
+        dense = from_dense(
+            [reference_attention(q, q[:, :2], q[:, :2], mask=ao.causal())[2] for q in qs], rollout_rows=[127]
+        )
+        err = (rec.maps.rollout - dense.rollout).abs().max().item()
+        assert err <= 1e-9, err
+        return {"rollout": err}
+
+    check("maps rollout fp64", rollout)
+
+
 def main() -> int:
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
     env = {
@@ -339,6 +383,7 @@ def main() -> int:
         return 2
     attention_checks()
     reliability_checks()
+    maps_checks()
     try:
         import transformers
 

@@ -87,7 +87,9 @@ class LayerMaps:
     in bin units; bins outside every tile are exactly 0 (nothing attended there)."""
 
     tiles: list[tuple[int, int, int, int, dict[str, Tensor]]]
-    received: Tensor  # (B, H, Sk): sum over queries of the weights each key gets (float32; float64 inputs: float64)
+    received: (
+        Tensor  # (B, H, Sk): sum over queries of the weights each key gets (float32; float64 inputs: float64)
+    )
     entropy: Tensor  # (B, H, Sq): entropy (nats) of each query's softmax (a sink logit counts as an outcome)
     rows: Tensor | None = None  # (B, H, n, Sk): exact weights of the chosen query rows
     name: str = ""

@@ -38,13 +38,13 @@ class Workspace:
     def __init__(self) -> None:
         self._bufs: dict[str, Tensor] = {}
 
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         n = 1
         for d in shape:
             n *= d
         buf = self._bufs.get(name)
         if buf is None or buf.numel() < n or buf.dtype != dtype:
-            buf = self._bufs[name] = torch.empty(n, dtype=dtype)
+            buf = self._bufs[name] = torch.empty(n, dtype=dtype, device=device)
         return buf[:n].view(shape)
 
 
@@ -90,7 +90,7 @@ class Tiles:
         if ws is None:
             s = qf @ kb.transpose(-1, -2)  # (B, Hkv, G*r', a1-a0)
         else:
-            out = ws.get("s", (B, x.Hkv, qf.shape[2], a1 - a0), qf.dtype)
+            out = ws.get("s", (B, x.Hkv, qf.shape[2], a1 - a0), qf.dtype, qf.device)
             s = torch.matmul(qf, kb.transpose(-1, -2), out=out)
         if x.similarity == "euclidean":  # -|q - k|^2 = 2 q.k - |q|^2 - |k|^2
             qq = (q * q).sum(-1).reshape(B, x.Hkv, -1, 1)
@@ -194,9 +194,10 @@ def layer_maps(
     """Pooled maps, received attention, entropy and exact rows of one call; and 1/Z (B, Hq, Sq)."""
     x = t.inputs
     B, Hq, cd = x.B, x.Hq, t.q.dtype
-    received = torch.zeros(B, Hq, x.Sk, dtype=cd)
-    entropy = torch.zeros(B, Hq, x.Sq, dtype=cd)
-    inv_z = torch.zeros(B, Hq, x.Sq, dtype=cd)
+    dev = t.q.device
+    received = torch.zeros(B, Hq, x.Sk, dtype=cd, device=dev)
+    entropy = torch.zeros(B, Hq, x.Sq, dtype=cd, device=dev)
+    inv_z = torch.zeros(B, Hq, x.Sq, dtype=cd, device=dev)
     sink = t.sink_shift()
     ws = Workspace()
     # Blocks of as many rows (up to ROWS) as let a whole block's weights stay in ebuf for pass 2; when
@@ -205,22 +206,26 @@ def layer_maps(
     per_block = min(ROWS, fit) if fit >= MIN_ROWS else ROWS
     most_rows = max((b.q1 - b.q0 for b in blocks(t, qb, kb, per_block)), default=0)
     fits = B * Hq * most_rows * x.Sk * cd.itemsize <= KEEP_BYTES
-    ebuf = torch.empty(B, Hq, most_rows, x.Sk, dtype=cd) if fits else None  # a block's weights, kept
+    ebuf = (
+        torch.empty(B, Hq, most_rows, x.Sk, dtype=cd, device=dev) if fits else None
+    )  # a block's weights, kept
     tiles: list[tuple[int, int, int, int, dict[str, Tensor]]] = []
     store: dict[str, Tensor] = {}
     for blk in blocks(t, qb, kb, per_block):
         rows, nr = blk.q1 - blk.q0, blk.r1 - blk.r0
         span = blk.c_hi - blk.c_lo
         if not tiles or tiles[-1][:2] != (blk.r0, blk.r1):
-            store = {s: torch.zeros(B, Hq, nr, span, dtype=cd) for s in stats}
+            store = {s: torch.zeros(B, Hq, nr, span, dtype=cd, device=dev) for s in stats}
             tiles.append((blk.r0, blk.r1, blk.c_lo, blk.c_hi, store))
         sl = slice(blk.q0, blk.q1)
         # Pass 1: the normalizer Z and sum_j e (s - c) of every row of the block.
-        z = torch.zeros(B, Hq, rows, dtype=cd)
-        esc = torch.zeros(B, Hq, rows, dtype=cd)
+        z = torch.zeros(B, Hq, rows, dtype=cd, device=dev)
+        esc = torch.zeros(B, Hq, rows, dtype=cd, device=dev)
         done = list(chunks(t, kb, blk))
         for k0, k1, _, _, _, kind in done:
-            out = ebuf[:, :, :rows, k0:k1] if ebuf is not None else ws.get("e", (B, Hq, rows, k1 - k0), cd)
+            out = (
+                ebuf[:, :, :rows, k0:k1] if ebuf is not None else ws.get("e", (B, Hq, rows, k1 - k0), cd, dev)
+            )
             e, sc = t.exps(sl, k0, k1, kind, ws, out)
             z += e.sum(-1)
             esc += sc.mul_(e).sum(-1)  # in the scores' buffer
@@ -240,7 +245,7 @@ def layer_maps(
             if ebuf is not None:
                 p = ebuf[:, :, :rows, k0:k1]
             else:
-                p, _ = t.exps(sl, k0, k1, kind, ws, ws.get("e", (B, Hq, rows, k1 - k0), cd))
+                p, _ = t.exps(sl, k0, k1, kind, ws, ws.get("e", (B, Hq, rows, k1 - k0), cd, dev))
             pv = p.mul_(izc).view(B, Hq, nr, rows // nr, k1 - k0)
             by_rows = pv.sum(3)  # (B, Hq, nr, bk)
             received[:, :, k0:k1] += by_rows.sum(2)
@@ -251,7 +256,10 @@ def layer_maps(
                 m = pv.amax(3).unflatten(-1, (c1 - c0, cw)).amax(-1)
                 torch.maximum(store["max"][..., cols], m, out=store["max"][..., cols])
     rows_t = exact_rows(t, inv_z, query_rows) if query_rows else None
-    lm = LayerMaps(tiles=tiles, received=received, entropy=entropy, rows=rows_t)
+    # the views live on the CPU (pictures, save); the normalizer stays with q and k for the rollout
+    cpu = [(r0, r1, c0, c1, {n: v.cpu() for n, v in st.items()}) for r0, r1, c0, c1, st in tiles]
+    rows_cpu = None if rows_t is None else rows_t.cpu()
+    lm = LayerMaps(tiles=cpu, received=received.cpu(), entropy=entropy.cpu(), rows=rows_cpu)
     return lm, inv_z
 
 
@@ -259,7 +267,7 @@ def exact_rows(t: Tiles, inv_z: Tensor, query_rows: list[int]) -> Tensor:
     """(B, Hq, n, Sk) exact weights of the given query positions."""
     x = t.inputs
     idx = torch.tensor(query_rows, dtype=torch.long)
-    out = torch.zeros(x.B, x.Hq, len(query_rows), x.Sk, dtype=t.q.dtype)
+    out = torch.zeros(x.B, x.Hq, len(query_rows), x.Sk, dtype=t.q.dtype, device=t.q.device)
     step = max(1, COLS_ELEMENTS // max(1, x.B * x.Hq * len(query_rows)))
     kind = Tile.FULL if x.mask is None else Tile.PARTIAL
     for k0 in range(0, x.Sk, step):
@@ -273,7 +281,7 @@ def rollout_step(t: Tiles, inv_z: Tensor, qb: Bins, kb: Bins, v: Tensor, residua
     """v (B, n, Sq) -> v · (residual·I + (1 - residual)·mean_h A_h), (B, n, Sk): weighted column sums."""
     x = t.inputs
     B, Hq = x.B, x.Hq
-    u = torch.zeros(B, v.shape[1], x.Sk, dtype=v.dtype)
+    u = torch.zeros(B, v.shape[1], x.Sk, dtype=v.dtype, device=v.device)
     for blk in blocks(t, qb, kb):
         r = blk.q1 - blk.q0
         # (B, n, Hq*r): row weights times each head's 1/Z; the head sum folds into the matmul

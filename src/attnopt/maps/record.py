@@ -203,11 +203,11 @@ def rollout_rows_through(
 ) -> Tensor:
     """(B, n, S) rollout of the given last-layer query rows, applying the layers from the last down."""
     last = kept[-1][0].inputs
-    v = torch.zeros(last.B, len(rows), last.Sq, dtype=torch.float64)
+    v = torch.zeros(last.B, len(rows), last.Sq, dtype=torch.float64, device=last.q.device)
     v[:, torch.arange(len(rows)), torch.tensor(rows)] = 1.0
     for t, inv_z, qb, kb in reversed(kept):
         v = rollout_step(t, inv_z, qb, kb, v, residual)
-    return v.to(kept[-1][1].dtype)
+    return v.to(kept[-1][1].dtype).cpu()
 
 
 def attention_maps(
