@@ -273,6 +273,9 @@ def test_record_unhooks_on_error_and_refuses_misuse():
         ao.attention(q, k, k, dropout_p=0.5)
     with pytest.raises(TypeError, match="query_rows"):
         record(query_rows=["last"])
+    with pytest.raises(TypeError, match="query_rows"):
+        record(query_rows=[True])
+    assert record(query_rows=torch.tensor([1, -2])).query_rows == [1, -2]  # integer tensors and numpy ints
     with pytest.raises(ValueError, match="stats"):
         record(stats=("median",))
     with pytest.raises(ValueError, match="attn_implementation='attnopt'"):

@@ -11,6 +11,7 @@ k and the LSE tile by tile (``_sweep``), in O(N) memory.
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +32,13 @@ def _int(name: str, value: object, lo: int) -> int:
 
 
 def _positions(name: str, value: object) -> list[int]:
+    """Query positions as a list of ints: an int, or a sequence / 1-D tensor of integers (not bools)."""
+    if isinstance(value, Tensor):
+        if value.ndim > 1 or value.dtype.is_floating_point or value.dtype == torch.bool:
+            raise TypeError(
+                f"{name}: a {value.dtype} tensor of shape {tuple(value.shape)}; allowed: 1-D integers"
+            )
+        value = value.tolist()
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
     if not isinstance(value, Sequence) or isinstance(value, str):
@@ -39,9 +47,14 @@ def _positions(name: str, value: object) -> list[int]:
         )
     out = []
     for v in value:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name}: {v!r} is not an int; allowed: query positions (negative counts back)")
-        out.append(v)
+        try:
+            if isinstance(v, bool) or (isinstance(v, Tensor) and v.dtype == torch.bool):
+                raise TypeError
+            out.append(operator.index(v))
+        except TypeError:
+            raise TypeError(
+                f"{name}: {v!r} is not an int; allowed: query positions (negative counts back)"
+            ) from None
     return out
 
 
