@@ -439,10 +439,9 @@ def test_fixed_split_is_bitwise_batch_invariant(dtype, P, split, mode):
     b = shared_batch(make_shared(P, dtype, prefix=100), mode)
     causal = mode != "full"
     plan, out, lse = _plan_run(b, causal, cascade=True, split=split)
-    assert plan.groups, "no cascade group"
-    assert all(gr.tokens % split == 0 and gr.tokens > 0 for gr in plan.groups), [
-        gr.tokens for gr in plan.groups
-    ]
+    # a cascade call's products have another shape than a request's own, which BLAS may round otherwise
+    # (seen on AMD EPYC with MKL 2024.2): fixed-split plans never cascade
+    assert not plan.groups, "a fixed-split plan cascaded"
     check_exact("fixed split", b, out, lse, causal)
     _, out0, lse0 = _plan_run(b, causal, cascade=False, split=split)
     assert torch.equal(out, out0) and torch.equal(lse, lse0), "cascade changed the bits"

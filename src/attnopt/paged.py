@@ -18,8 +18,9 @@ read once), then each sequence's own keys separately; the parts merge by LSE. Sh
 page table itself, so it needs no hint: the prefix cache and ``fork`` produce it.
 
 Fixed split (``split_size``): keys are cut at fixed absolute positions (multiples of ``split_size``), and
-parts are merged left to right, so a sequence's output is bitwise the same whatever else is in the batch,
-however its pages lie, and with or without cascade (the cascade prefix is rounded down to the split).
+parts are merged left to right, so a sequence's output is bitwise the same whatever else is in the batch
+and however its pages lie. Fixed-split plans do not cascade (a cascade call's products have another shape,
+which BLAS may round differently), and run on one thread (see attnopt._blas).
 This is the batch-invariant mode (torch ``varlen_attn(num_splits=1)``, FlashInfer ``disable_split_kv``).
 """
 
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._blas import one_thread
 from .cache.paged import page_slots
 
 __all__ = ["PagedPlan", "paged_attention"]
@@ -120,6 +122,10 @@ class PagedPlan:
         # Keys every query of a sequence sees: all of them (non-causal, or one query: it is the last
         # token), or those before the chunk (causal prefill: the chunk's own keys are a causal square).
         past_len = [L if (not causal or m <= 1) else L - m for L, m in zip(kv_lens, q_lens)]
+        # Fixed split promises bits independent of the batch, and a cascade call's products have another
+        # shape (all sharers' rows at once) than a request's own: BLAS may round them differently (seen:
+        # AMD EPYC, MKL 2024.2). So fixed-split plans never cascade.
+        cascade = cascade and split_size is None
         shared = self._shared_prefixes(pages, past_len, cascade, min_shared) if cascade else {}
         self.groups: list[_Group] = []
         group_of: dict[int, int] = {}
@@ -240,6 +246,19 @@ class PagedPlan:
         Returns out (total_q, Hq, Dv) in q's dtype and lse (total_q, Hq) (float32; float64 for float64).
         ``pages`` is needed only in fixed-split mode, to gather slices that straddle runs.
         """
+        if self.split_size is not None:  # batch-invariant bits: one thread (see attnopt._blas)
+            with one_thread():
+                return self._run(q, k, v, pages, scale)
+        return self._run(q, k, v, pages, scale)
+
+    def _run(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        pages: list[list[int]] | None,
+        scale: float | None,
+    ) -> tuple[Tensor, Tensor]:
         T, Hq, D = q.shape
         Hkv, N, P, Dv = v.shape
         g = Hq // Hkv

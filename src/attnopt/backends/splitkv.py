@@ -32,12 +32,14 @@ Inference only (no backward): with gradients the other backends take over.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from .._blas import one_thread
 from .._inputs import AttentionInputs, acc_dtype, scan_dtype
 from ..masks import causal
 from ..merge import add_sinks
@@ -332,7 +334,10 @@ class SplitKVBackend(Backend):
             empty = (~kc.any(-1)).view(B, 1, n, 1).expand(B, Hkv, n, 1).reshape(X, n, 1)
         elif rem:
             attn_mask = _overlap_mask(n, c, cc, q.dtype, q.device)
-        out, lse = _fused(qx, kx, vx, 0.0, False, attn_mask=attn_mask, scale=inputs.scale)[:2]
+        # A fixed num_splits promises bits that do not depend on the batch: one thread (see attnopt._blas)
+        blas = one_thread() if inputs.num_splits is not None else contextlib.nullcontext()
+        with blas:
+            out, lse = _fused(qx, kx, vx, 0.0, False, attn_mask=attn_mask, scale=inputs.scale)[:2]
         # out (X, n, R, D) in q's dtype; lse (X, n, R) float32 (the kernel reports 0 for empty chunks)
         sinks = inputs.sinks
         want_lse = inputs.return_lse or sinks is not None
