@@ -503,3 +503,17 @@ def test_output_attentions_inside_a_recording_is_not_a_layer_and_tokens_must_mat
     o = from_dense(list(out.attentions), resolution=64, sink_tokens=1)
     for li in range(6):
         torch.testing.assert_close(m.pooled(li), o.pooled(li), rtol=0, atol=1e-6)
+
+
+def test_output_attentions_too_big_for_memory_is_refused_before_compute(monkeypatch):
+    """Dense weights the device cannot hold: a clear error naming attnopt.maps, before the attention runs."""
+    from attnopt.integrations import transformers as ao_hf
+
+    monkeypatch.setattr(ao_hf, "available_memory", lambda device: 10_000)
+    calls = []
+    monkeypatch.setattr(ao, "attention", lambda *a, **k: calls.append(1))
+    q, k = torch.randn(1, 4, 64, 8), torch.randn(1, 2, 64, 8)
+    module = SimpleNamespace(is_causal=True)
+    with pytest.raises(ValueError, match=r"need .* GiB .*attnopt\.maps\.record"):
+        ao_hf.attention_forward(module, q, k, k, None, output_attentions=True)
+    assert not calls

@@ -32,6 +32,7 @@ from torch import Tensor
 import attnopt as ao
 from attnopt import masks as M
 from attnopt import mods as Mods
+from attnopt._memory import available_memory
 
 __all__ = [
     "CACHE_KINDS",
@@ -425,6 +426,8 @@ def attention_forward(
                 "or output_attentions yet"
             )
         return paged.attend(module, query, key, value, scaling), None
+    if output_attentions:
+        _check_dense_weights(query, key)
     Sq, Sk = query.shape[2], key.shape[2]
     mask: M.Mask | None
     mods: list[Mods.ScoreMod] = []
@@ -474,6 +477,20 @@ def attention_forward(
         if weights.shape[-1] < Sk:  # unfilled slots of a preallocated buffer get weight 0, as with eager
             weights = torch.nn.functional.pad(weights, (0, Sk - weights.shape[-1]))
     return out.transpose(1, 2).contiguous(), weights
+
+
+def _check_dense_weights(q: Tensor, k: Tensor) -> None:
+    """output_attentions=True materializes (B, Hq, Sq, Sk) weights (plus an (Sk, Sk) identity): refuse
+    before any compute when the device cannot hold them, and say what gives the same views in O(N)."""
+    B, Hq, Sq, Sk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    need = (B * Hq * Sq * Sk + Sk * Sk) * q.element_size()
+    free = available_memory(q.device)
+    if need > free:
+        raise ValueError(
+            f"output_attentions=True: the dense weights of this layer, (B={B}, Hq={Hq}, Sq={Sq}, Sk={Sk}) in "
+            f"{q.dtype}, need {need / 2**30:.1f} GiB and {free / 2**30:.1f} GiB is free. attnopt.maps.record "
+            f"gives pooled maps, received attention, entropy and exact rows of every layer in O(N) memory."
+        )
 
 
 def attention_weights(q: Tensor, k: Tensor, **kwargs: Any) -> Tensor:

@@ -18,7 +18,6 @@ submitted, with the numbers.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._memory import available_memory
 from ..cache.paged import PagePool, PoolFull, PrefixCache
 from ..paged import PagedPlan
 
@@ -122,19 +122,6 @@ def parse_bytes(value: int | float | str) -> int:
     return int(n)
 
 
-def _available_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
-
-
 class _Batch:
     """What one step hands every attention layer (through the model's kwargs)."""
 
@@ -225,7 +212,7 @@ class Engine:
             budget = (
                 parse_bytes(memory_budget)
                 if memory_budget is not None
-                else _available_memory(self.device) // 4
+                else available_memory(self.device) // 4
             )
             num_pages = budget // per_page
             if num_pages < 1:
