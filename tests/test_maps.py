@@ -517,3 +517,38 @@ def test_output_attentions_too_big_for_memory_is_refused_before_compute(monkeypa
     with pytest.raises(ValueError, match=r"need .* GiB .*attnopt\.maps\.record"):
         ao_hf.attention_forward(module, q, k, k, None, output_attentions=True)
     assert not calls
+
+
+def test_review_findings_autocast_pinned_backend_empty_batch_and_query_labels():
+    """Under autocast the maps are those of the bf16 call that ran; a pinned backend without an LSE still
+    runs, with the same output; B = 0 and H = 0 record empty views; query labels are aligned bottom-right."""
+    torch.manual_seed(9)
+    q, k = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    with record(resolution=40, query_rows=[-1]) as rec, torch.autocast("cpu", dtype=torch.bfloat16):
+        ao.attention(q, k, k, mask=ao.causal())
+    m = rec.maps
+    ran = reference_attention(*(t.bfloat16().double() for t in (q, k, k)), mask=ao.causal())[2]
+    assert (m.pooled(0).double() - ran[0]).abs().max() < 1e-6
+    torch.testing.assert_close(m.rows.sum(-1), torch.ones(1, 1, 2, 1))
+
+    q, k = torch.randn(1, 8, 300, 64), torch.randn(1, 2, 300, 64)
+    plain = ao.attention(q, k, k, mask=ao.causal(), backend="sdpa")
+    with record(resolution=8) as rec:
+        inside = ao.attention(q, k, k, mask=ao.causal(), backend="sdpa")
+    assert torch.equal(plain, inside) and rec.maps.num_layers == 1
+
+    empty_b = attention_maps(torch.randn(0, 2, 5, 8), torch.randn(0, 2, 5, 8), resolution=4, sink_tokens=1)
+    assert empty_b.batch == 0 and empty_b.received.shape == (1, 0, 2, 5)
+    empty_h = attention_maps(torch.randn(1, 0, 5, 8), torch.randn(1, 0, 5, 8), resolution=8, query_rows=[0])
+    assert empty_h.pooled(0).shape == (0, 5, 5) and empty_h.rows.shape == (1, 1, 0, 1, 5)
+
+    tokens = [f"t{i}" for i in range(12)]
+    m = attention_maps(
+        torch.randn(1, 1, 3, 8),
+        torch.randn(1, 1, 12, 8),
+        mask=ao.causal(),
+        resolution=64,
+        sink_tokens=0,
+        tokens=tokens,
+    )
+    assert m.labels("q") == ["0 t9", "1 t10", "2 t11"] and m.labels("k")[0] == "0 t0"

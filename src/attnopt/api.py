@@ -218,13 +218,28 @@ def unobserved() -> Iterator[None]:
 
 
 def _observed(q: Tensor, k: Tensor, v: Tensor, kwargs: dict[str, Any]) -> Tensor | tuple[Tensor, Tensor]:
-    """Run the call with its LSE, then show the validated inputs and the LSE to every observer."""
+    """Run the call with its LSE, then show the validated inputs and the LSE to every observer.
+
+    With ``backend="auto"`` the call itself returns its LSE, so dispatch may pick an LSE-capable backend
+    (the output can then differ from an unobserved call in the last bits). A pinned backend runs as asked,
+    and the LSE comes from a second, automatic call. Under autocast the observers see q, k, v cast as
+    the call ran them, and run with autocast off.
+    """
     _observing[0] = True
     try:
-        out, lse = attention(q, k, v, **(kwargs | {"return_lse": True}))
+        if kwargs["backend"] == "auto" or kwargs["return_lse"]:
+            out, lse = attention(q, k, v, **(kwargs | {"return_lse": True}))
+        else:
+            out = attention(q, k, v, **kwargs)
+            _, lse = attention(
+                q, k, v, **(kwargs | {"return_lse": True, "backend": "auto", "num_splits": None})
+            )
+        amp = _autocast_dtype(q, k, v)
+        if amp is not None:
+            q, k, v = q.to(amp), k.to(amp), v.to(amp)
         named = ("mask", "score_mod", "similarity", "scale", "sinks", "dropout_p")
         inputs = _validate(q, k, v, *(kwargs[n] for n in named), True, "auto", None)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
             for observe in list(_OBSERVERS):
                 observe(inputs, lse.detach())
     finally:

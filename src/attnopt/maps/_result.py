@@ -176,11 +176,19 @@ class AttentionMaps:
             return None
         return torch.stack([lm.rows for lm in self.layers])  # type: ignore[misc]
 
+    @property
+    def query_tokens(self) -> list[str] | None:
+        """The text of each query: ``tokens`` are per key, and query i sits at key position i + Sk - Sq
+        (bottom-right alignment, as a KV cache has it)."""
+        if self.tokens is None or len(self.tokens) != self.Sk or self.Sq > self.Sk:
+            return None
+        return self.tokens[self.Sk - self.Sq :]
+
     def labels(self, axis: str = "k") -> list[str]:
         """Bin labels of the query ('q') or key ('k') axis: position span plus token text."""
         if axis not in ("q", "k"):
             raise ValueError(f"axis={axis!r}; allowed: 'q' or 'k'")
-        return (self.q_bins if axis == "q" else self.k_bins).labels(self.tokens)
+        return self.q_bins.labels(self.query_tokens) if axis == "q" else self.k_bins.labels(self.tokens)
 
     def to_bertviz(self, stat: str = "mean", batch: int = 0) -> tuple[list[Tensor], list[str]]:
         """``(attention, tokens)`` for bertviz's head_view / model_view: one (1, H, R, C) tensor per layer and

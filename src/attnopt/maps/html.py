@@ -278,7 +278,7 @@ def _curves(m: AttentionMaps, points: int) -> dict[str, Any]:
     ent = _with_means(lambda li: m.layers[li].entropy[0], L, lambda x: _pool_curve(x, qb, "mean"))
     ent_codes, ent_hi = _lin_quantize(ent.reshape((L + 1) * (H + 1), -1))
     part: dict[str, Any] = {
-        "axes": {"ck": _axis(kb, m.tokens), "cq": _axis(qb, m.tokens)},
+        "axes": {"ck": _axis(kb, m.tokens), "cq": _axis(qb, m.query_tokens)},
         "received": {"axis": "ck", **_packed_log(rec.reshape((L + 1) * (H + 1), -1))},
         "entropy": {"axis": "cq", "z": _blob(ent_codes), "hi": ent_hi},
         "rows": None,
@@ -294,7 +294,7 @@ def _curves(m: AttentionMaps, points: int) -> dict[str, Any]:
         part["rows"] = {
             "axis": "ck",
             "positions": m.query_rows[:n],
-            "labels": [_position_label(p, m.tokens) for p in m.query_rows[:n]],
+            "labels": [_position_label(p, m.query_tokens) for p in m.query_rows[:n]],
             **_packed_log(rows.reshape((L + 1) * (H + 1) * n, -1)),
         }
     n = min(len(m.rollout_rows), MAX_ROWS)
@@ -303,7 +303,7 @@ def _curves(m: AttentionMaps, points: int) -> dict[str, Any]:
         part["rollout"] = {
             "axis": "ck",
             "positions": m.rollout_rows[:n],
-            "labels": [_position_label(p, m.tokens) for p in m.rollout_rows[:n]],
+            "labels": [_position_label(p, m.query_tokens) for p in m.rollout_rows[:n]],
             **_packed_log(roll),
         }
     return part
@@ -501,7 +501,7 @@ def _page(
         "Sk": m.Sk,
         "stats": list(heads),
         "layerNames": [lm.name for lm in m.layers],
-        "axes": {"hq": _axis(qb, m.tokens), "hk": _axis(kb, m.tokens), "oq": _axis(oq, m.tokens)}
+        "axes": {"hq": _axis(qb, m.query_tokens), "hk": _axis(kb, m.tokens), "oq": _axis(oq, m.query_tokens)}
         | {"ok": _axis(ok, m.tokens)}
         | curves["axes"],
         "heat": {

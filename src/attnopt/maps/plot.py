@@ -268,7 +268,8 @@ def plot_rows(
         ax.set_xlim(-0.5 - 0.012 * Sk, Sk - 0.5 + 0.012 * Sk)  # keys 0 and Sk-1 clear of the spines
         ax.set_ylabel("weight")
         ax.grid(True, alpha=0.25, lw=0.6)
-        tok = f" {_tok(maps.tokens[q])}" if maps.tokens is not None and 0 <= q < len(maps.tokens) else ""
+        qt = maps.query_tokens
+        tok = f" {_tok(qt[q])}" if qt is not None and 0 <= q < len(qt) else ""
         ax.set_title(f"query {q}{tok} (dashed line): {what}", fontsize=10, loc="left")
         _label_top(ax, maps, w, top_k, log)
     axes[-1].set_xlabel("key position")
@@ -592,7 +593,7 @@ def _map_grid(
     # Token text on the x axis only where every position is labelled (round positions' text would collide
     # with the next panel's); the y axis has the room.
     xt = xs.ticks(mpl, maps.tokens, True, with_tokens=ncols == 1 or maps.k_bins.n <= 40)
-    yt = ys.ticks(mpl, maps.tokens, False, with_tokens=True)
+    yt = ys.ticks(mpl, maps.query_tokens, False, with_tokens=True)
     title_h, gap_w = 0.26, 0.12
     left = 0.3 + yt.extent(False)
     bottom = 0.3 + xt.extent(True)

@@ -5,8 +5,10 @@
     maps = rec.maps                           # AttentionMaps: pooled maps, received, entropy, rows, rollout
 
 Every ``attnopt.attention`` call inside the block (one per layer for a transformers model) is one layer
-of the recording. Each call runs as usual and also returns its LSE; the views are then computed from q,
-k and the LSE tile by tile (``_sweep``), in O(N) memory.
+of the recording. Each call also returns its LSE, so automatic dispatch may pick an LSE-capable backend
+(outputs equal within the tolerance rule, not always bit for bit); a pinned backend runs as asked, with
+the LSE from a second call. The views are then computed from q, k and the LSE tile by tile (``_sweep``),
+in O(N) memory. Calls inside torch.compile'd code are not observed.
 """
 
 from __future__ import annotations
@@ -162,8 +164,20 @@ class record:
                 f"attnopt.maps.record: call {len(self._layers)} has Sq={x.Sq}, Sk={x.Sk} but the first call had "
                 f"Sq={self._bins[0].n}, Sk={self._bins[1].n}; record one forward pass (not generate) per recording"
             )
-        tiles = Tiles.make(x, lse)
         rows = _resolve("query_rows", self.query_rows, x.Sq)
+        if x.B == 0 or x.Hq == 0:  # nothing attends: empty views (attention() accepts these shapes too)
+            empty = {"received": (x.Sk,), "entropy": (x.Sq,)}
+            z = {n: torch.zeros(x.B, x.Hq, *shape) for n, shape in empty.items()}
+            rows_t = torch.zeros(x.B, x.Hq, len(rows), x.Sk) if rows else None
+            self._layers.append(
+                LayerMaps([], z["received"], z["entropy"], rows_t, f"call {len(self._layers)}")
+            )
+            if self.rollout_rows:
+                raise ValueError(
+                    "rollout_rows: a call with no batch elements or heads has nothing to roll out"
+                )
+            return
+        tiles = Tiles.make(x, lse)
         lm, inv_z = layer_maps(tiles, *bins, self.stats, rows)
         lm.name = f"call {len(self._layers)}"
         self._layers.append(lm)
@@ -183,7 +197,8 @@ class record:
             raise RuntimeError("record.maps: read the maps after the `with` block has ended")
         if not self._layers or self._bins is None:
             raise RuntimeError(
-                "record.maps: nothing was recorded (no attnopt attention call ran inside the block)"
+                "record.maps: nothing was recorded (no attnopt attention call ran inside the block; calls "
+                "inside torch.compile'd code are not observed: record an uncompiled forward pass)"
             )
         if self._maps is None:
             t0 = time.perf_counter()
