@@ -186,18 +186,26 @@ class Row:
         return 1.0 / statistics.median(self.decode_step_s) if self.decode_step_s else float("nan")
 
 
-def prompt_ids(tok: Any, n: int) -> Any:
-    """A natural-text prompt of exactly n tokens (a passage repeated), batch 1."""
+def text_ids(tok: Any, text: str, n: int | None = None) -> Any:
+    """(1, N) input ids of ``text``; with ``n``, the text repeated or cut to exactly n tokens."""
     import torch
 
+    ids = tok(text, return_tensors="pt")["input_ids"][0]
+    if ids.numel() == 0:
+        raise ValueError("the prompt has no tokens")
+    if n is not None:
+        ids = torch.cat([ids] * -(-n // ids.numel()))[:n]
+    return ids.unsqueeze(0)
+
+
+def prompt_ids(tok: Any, n: int) -> Any:
+    """A natural-text prompt of exactly n tokens (a passage repeated), batch 1."""
     passage = (
         "Attention lets every token look at every other token and decide how much each one matters. "
         "The scores are scaled dot products of queries and keys, a softmax turns them into weights, and "
         "the output is the weighted sum of the values. "
     )
-    ids = tok(passage, return_tensors="pt")["input_ids"][0]
-    reps = -(-n // ids.numel())
-    return torch.cat([ids] * reps)[:n].unsqueeze(0)
+    return text_ids(tok, passage, n)
 
 
 def time_prefill(

@@ -20,7 +20,7 @@ page table itself, so it needs no hint: the prefix cache and ``fork`` produce it
 Fixed split (``split_size``): keys are cut at fixed absolute positions (multiples of ``split_size``), and
 parts are merged left to right, so a sequence's output is bitwise the same whatever else is in the batch
 and however its pages lie. Fixed-split plans do not cascade (a cascade call's products have another shape,
-which BLAS may round differently), and run on one thread (see attnopt._blas).
+which BLAS may round differently), and run on one thread (see attnopt._threads).
 This is the batch-invariant mode (torch ``varlen_attn(num_splits=1)``, FlashInfer ``disable_split_kv``).
 """
 
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._blas import one_thread
+from ._threads import one_thread
 from .cache.paged import page_slots
 
 __all__ = ["PagedPlan", "paged_attention"]
@@ -246,7 +246,7 @@ class PagedPlan:
         Returns out (total_q, Hq, Dv) in q's dtype and lse (total_q, Hq) (float32; float64 for float64).
         ``pages`` is needed only in fixed-split mode, to gather slices that straddle runs.
         """
-        if self.split_size is not None:  # batch-invariant bits: one thread (see attnopt._blas)
+        if self.split_size is not None:  # batch-invariant bits: one thread (see attnopt._threads)
             with one_thread():
                 return self._run(q, k, v, pages, scale)
         return self._run(q, k, v, pages, scale)

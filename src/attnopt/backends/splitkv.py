@@ -39,8 +39,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .._blas import one_thread
 from .._inputs import AttentionInputs, acc_dtype, scan_dtype
+from .._threads import one_thread
 from ..masks import causal
 from ..merge import add_sinks
 from ._base import FUSED_SCORE_LIMIT, Backend, fused_data_reasons, unit_qk
@@ -334,7 +334,7 @@ class SplitKVBackend(Backend):
             empty = (~kc.any(-1)).view(B, 1, n, 1).expand(B, Hkv, n, 1).reshape(X, n, 1)
         elif rem:
             attn_mask = _overlap_mask(n, c, cc, q.dtype, q.device)
-        # A fixed num_splits promises bits that do not depend on the batch: one thread (see attnopt._blas)
+        # A fixed num_splits promises bits that do not depend on the batch: one thread (see attnopt._threads)
         blas = one_thread() if inputs.num_splits is not None else contextlib.nullcontext()
         with blas:
             out, lse = _fused(qx, kx, vx, 0.0, False, attn_mask=attn_mask, scale=inputs.scale)[:2]

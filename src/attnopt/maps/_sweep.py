@@ -5,9 +5,10 @@ the mask leaves EMPTY. Each tile gets ``e = exp(s - c)`` with the call's LSE as 
 exact where it matters (Sterbenz), so e is as accurate as eager's exp(s - max). The row normalizer
 Z = sum_j e (plus the sink's share) is summed over the block's own tiles, and every view is linear in
 e per row, so the weights p = e / Z come out as accurate as eager softmax's, instead of inheriting the
-fused kernel's LSE rounding (about 1e-5 relative). Views per row are scaled by 1/Z once the row is
-complete; received attention (a sum over rows) reads the block's tiles again: kept if they fit
-``KEEP_BYTES``, else recomputed.
+fused kernel's LSE rounding (about 1e-5 relative). So each row block takes two passes: the first sums Z
+(and the entropy's sum of e (s - c)), the second scales the tiles by 1/Z and pools them, across rows
+first. Between the passes the block's tiles stay in one buffer when they fit ``KEEP_BYTES``; otherwise
+the second pass recomputes them.
 """
 
 from __future__ import annotations

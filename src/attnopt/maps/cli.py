@@ -22,18 +22,13 @@ def load(name: str) -> tuple[Any, Any]:
 def prompt_tokens(tok: Any, text: str, n: int | None, chat: bool = False) -> Any:
     """(1, N) input ids of ``text`` (in the chat template with ``chat``); with ``n``, the text repeated or cut
     to exactly n tokens."""
-    import torch
+    from attnopt.demo import text_ids
 
     if chat:
         text = tok.apply_chat_template(
             [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
         )
-    ids = tok(text, return_tensors="pt")["input_ids"][0]
-    if ids.numel() == 0:
-        raise ValueError("the prompt has no tokens")
-    if n is not None:
-        ids = torch.cat([ids] * -(-n // ids.numel()))[:n]
-    return ids.unsqueeze(0)
+    return text_ids(tok, text, n)
 
 
 def token_texts(tok: Any, ids: Any) -> list[str]:

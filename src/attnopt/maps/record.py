@@ -166,16 +166,13 @@ class record:
             )
         rows = _resolve("query_rows", self.query_rows, x.Sq)
         if x.B == 0 or x.Hq == 0:  # nothing attends: empty views (attention() accepts these shapes too)
-            empty = {"received": (x.Sk,), "entropy": (x.Sq,)}
-            z = {n: torch.zeros(x.B, x.Hq, *shape) for n, shape in empty.items()}
-            rows_t = torch.zeros(x.B, x.Hq, len(rows), x.Sk) if rows else None
-            self._layers.append(
-                LayerMaps([], z["received"], z["entropy"], rows_t, f"call {len(self._layers)}")
-            )
             if self.rollout_rows:
                 raise ValueError(
                     "rollout_rows: a call with no batch elements or heads has nothing to roll out"
                 )
+            rows_t = torch.zeros(x.B, x.Hq, len(rows), x.Sk) if rows else None
+            received, entropy = torch.zeros(x.B, x.Hq, x.Sk), torch.zeros(x.B, x.Hq, x.Sq)
+            self._layers.append(LayerMaps([], received, entropy, rows_t, f"call {len(self._layers)}"))
             return
         tiles = Tiles.make(x, lse)
         lm, inv_z = layer_maps(tiles, *bins, self.stats, rows)
