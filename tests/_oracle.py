@@ -171,14 +171,18 @@ def assert_close(
         )
 
 
-def run_and_grads(fn, leaves, sinks, do):
-    """Forward through fn(), backward with upstream gradient do; returns (out, lse, grads)."""
+def run_and_grads(fn, leaves, sinks, do, dl=None):
+    """Forward through fn(), backward with upstream gradients do (and dl for the LSE, when fn returns
+    one and dl is given; rows with an infinite LSE take none); returns (out, lse, grads)."""
     for t in [*leaves, sinks]:
         if t is not None:
             t.grad = None
     res = fn()
     out, lse = res if isinstance(res, tuple) else (res, None)
-    out.backward(do.to(out.dtype))
+    loss = (out * do.to(out.dtype)).sum()
+    if lse is not None and dl is not None:
+        loss = loss + torch.where(torch.isfinite(lse), lse * dl.to(lse.dtype), 0.0).sum()
+    loss.backward()
     grads = [None if t is None or t.grad is None else t.grad.clone() for t in [*leaves, sinks]]
     return out.detach(), None if lse is None else lse.detach(), grads
 

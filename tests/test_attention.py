@@ -142,26 +142,34 @@ def check_against_oracle(backend: str, vname: str, shape: Shape, dtype: torch.dt
     sinks_l = None if sinks is None else sinks.to(dtype).requires_grad_(True)
     sinks64 = None if sinks_l is None else sinks_l.detach().double().requires_grad_(True)
     want_lse = _dispatch.BACKENDS[backend].supports_lse
-    lse_with_grad = backend != "span"  # span returns the LSE but not its gradient
     do = torch.randn(shape.B, shape.Hq, shape.Sq, shape.dv, generator=torch.Generator().manual_seed(2))
+    # Every backend that returns the LSE also differentiates it (ring attention merges partial results
+    # by their LSE and backpropagates through it): the loss takes both outputs when there is an LSE.
+    dl = (
+        torch.randn(shape.B, shape.Hq, shape.Sq, generator=torch.Generator().manual_seed(3))
+        if want_lse
+        else None
+    )
 
     def got_fn(return_lse):
         return ao.attention(
             *views(leaves, shape, layout), **kwargs, sinks=sinks_l, return_lse=return_lse, backend=backend
         )
 
-    got = run_and_grads(lambda: got_fn(want_lse and lse_with_grad), leaves, sinks_l, do)
-    if want_lse and not lse_with_grad:
-        with torch.no_grad():
-            got = (got[0], got_fn(True)[1], got[2])
+    got = run_and_grads(lambda: got_fn(want_lse), leaves, sinks_l, do, dl)
     plain = run_and_grads(
         lambda: oracle(views(leaves, shape, layout), {**kwargs, "sinks": sinks_l}, compute_dtype=dtype),
         leaves,
         sinks_l,
         do,
+        dl,
     )
     ref = run_and_grads(
-        lambda: oracle(views(leaves64, shape, layout), {**kwargs, "sinks": sinks64}), leaves64, sinks64, do
+        lambda: oracle(views(leaves64, shape, layout), {**kwargs, "sinks": sinks64}),
+        leaves64,
+        sinks64,
+        do,
+        dl,
     )
 
     assert got[0].dtype == dtype and got[0].shape == (shape.B, shape.Hq, shape.Sq, shape.dv)
@@ -224,3 +232,22 @@ def test_capabilities_and_auto_choice(variant):
     if reasons:
         with pytest.raises(NotImplementedError, match="backend='sdpa' cannot run"):
             ao.attention(q, k, v, **kwargs, backend="sdpa")
+
+
+@pytest.mark.parametrize("backend", ["span", "blockwise", "reference"])
+@pytest.mark.parametrize(("align", "shift"), [("top_left", 64), ("bottom_right", -40), ("top_left", -200)])
+def test_alibi_shift_is_a_moved_query_position(backend, align, shift):
+    """alibi(shift=s) adds -slope·|p + s - j|: the same scores as the explicit bias, on every backend."""
+    g = torch.Generator().manual_seed(4)
+    H, Sq, Sk = 4, 48, 80
+    q, k, v = (torch.randn(1, H, n, 16, generator=g) for n in (Sq, Sk, Sk))
+    slopes = am.alibi_slopes(H)
+    p = torch.arange(Sq).view(-1, 1) + (0 if align == "top_left" else Sk - Sq) + shift
+    bias = -(slopes.view(1, H, 1, 1) * (p - torch.arange(Sk).view(1, -1)).abs())
+    got = ao.attention(q, k, v, score_mod=am.alibi(slopes, align=align, shift=shift), backend=backend)
+    want = ao.attention(
+        q.double(), k.double(), v.double(), score_mod=am.bias(bias.double()), backend="reference"
+    )
+    assert (got.double() - want).abs().max() < 2e-6
+    with pytest.raises(TypeError, match="alibi shift must be an int"):
+        am.alibi(slopes, shift=1.5)

@@ -152,9 +152,12 @@ class AttentionInputs:
                 if row_max.numel():
                     bound += max(float(row_max.amax()), -float(row_max.amin()), 0.0)
             elif isinstance(mod, Mods.alibi):
-                # ALiBi only lowers scores, by slope * distance; the key nearest a query's position is
-                # at distance max(0, Sq - Sk) (masks that hide it are not accounted for).
-                bound += float(mod.slopes.detach().abs().amax()) * max(0, self.Sq - self.Sk)
+                # ALiBi only lowers scores, by slope * distance. Query positions run over [p0, p0 + Sq)
+                # and keys over [0, Sk): the farthest a row's nearest key can be is below (masks that
+                # hide it are not accounted for). p0 = Sk - Sq (bottom-right) or 0, plus the shift.
+                p0 = self.ctx.offset(mod.align) + mod.shift
+                far = max(0, p0 + self.Sq - self.Sk, -p0)
+                bound += float(mod.slopes.detach().abs().amax()) * far
             elif isinstance(mod, Mods.softcap):
                 bound = min(bound, mod.cap)
             else:

@@ -95,7 +95,7 @@ class _Encoder:
 
     def mod(self, m: Mods.ScoreMod) -> str:
         if isinstance(m, Mods.alibi):
-            return f"alibi:{self.tensor(m.slopes)}:{m.align}"
+            return f"alibi:{self.tensor(m.slopes)}:{m.align}:{m.shift}"
         if isinstance(m, Mods.softcap):
             return f"softcap:{self.float(m.cap)}"
         if isinstance(m, Mods.bias):
@@ -146,7 +146,7 @@ def _decode(spec: str, tensors: list[Tensor], ints: list[int], floats: list[floa
     def mod(tok: str) -> Mods.ScoreMod:
         name, *args = tok.split(":")
         if name == "alibi":
-            return Mods.alibi(ref(args[0]), align=args[1])
+            return Mods.alibi(ref(args[0]), align=args[1], shift=int(args[2]))
         if name == "softcap":
             return Mods.softcap(ref(args[0]))
         if name == "bias":

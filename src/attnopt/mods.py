@@ -50,13 +50,20 @@ def alibi_slopes(num_heads: int) -> Tensor:
 
 @dataclass(frozen=True, eq=False)
 class alibi(ScoreMod):
-    """ALiBi (Press et al. 2022): add -slopes[h] * |p - j|; slopes is a (Hq,) float tensor."""
+    """ALiBi (Press et al. 2022): add -slopes[h] * |p + shift - j|; slopes is a (Hq,) float tensor.
+
+    ``shift`` (an int, default 0) moves every query position: a query shard that starts ``shift``
+    positions later than its keys' alignment says (context parallelism) keeps its global distances.
+    """
 
     slopes: Tensor
     align: Align = "bottom_right"
+    shift: int = 0
 
     def __post_init__(self):
         _check_align(self.align)
+        if isinstance(self.shift, bool) or not isinstance(self.shift, int):
+            raise TypeError(f"alibi shift must be an int, got {type(self.shift).__name__} {self.shift!r}")
         if not isinstance(self.slopes, Tensor) or self.slopes.dtype not in FLOAT_DTYPES:
             got = self.slopes.dtype if isinstance(self.slopes, Tensor) else type(self.slopes).__name__
             raise TypeError(
@@ -65,7 +72,7 @@ class alibi(ScoreMod):
             )
 
     def __call__(self, score, b, h, i, j, ctx):
-        dist = (i + ctx.offset(self.align) - j).abs().to(score.dtype)
+        dist = (i + (ctx.offset(self.align) + self.shift) - j).abs().to(score.dtype)
         return score - self.slopes.to(score.device, score.dtype)[h] * dist
 
     def check(self, ctx):
@@ -81,6 +88,7 @@ class alibi(ScoreMod):
 
     def __repr__(self) -> str:
         extra = "" if self.align == "bottom_right" else f", align={self.align!r}"
+        extra += f", shift={self.shift}" if self.shift else ""
         return f"alibi(slopes=({self.slopes.numel()},){extra})"
 
 

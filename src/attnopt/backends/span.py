@@ -224,17 +224,20 @@ class _SpanFn(torch.autograd.Function):
         ctx.plan = plan
         ctx.save_for_backward(q, k, v, out, lse, sinks if sinks is not None else lse.new_empty(0))
         ctx.has_sinks = sinks is not None
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
-    def backward(ctx, dout: Tensor, _dlse: Tensor | None):
+    def backward(ctx, dout: Tensor | None, dlse: Tensor | None):
         q, k, v, out, lse, sinks = ctx.saved_tensors
         plan: _Plan = ctx.plan
         B, Hq, _, D = q.shape
-        dout = dout.contiguous()
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
         lse_safe = torch.where(torch.isinf(lse), 0.0, lse)  # empty rows: every s is -inf, P = 0
         acc = lse.dtype  # float32 accumulators (float64 for float64 inputs), cast at the end
+        if dlse is not None:  # d lse / d s = P: the kernel's Δ = rowsum(dO ∘ O) becomes Δ - dlse
+            q, k, v, out, dout = _with_lse_grad(q, k, v, out, dout, dlse.to(acc))
+        D0, D = D, q.shape[-1]
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
         for q0, q1, row in plan.blocks:
             if not row:
@@ -255,10 +258,36 @@ class _SpanFn(torch.autograd.Function):
                 dv[:, :, p.k0 : p.k1] += gv
             dq[:, :, q0:q1] = dqb.reshape(B, Hq, q1 - q0, D).to(q.dtype)
         dsinks = None
-        if ctx.has_sinks:
+        if ctx.has_sinks:  # delta = rowsum(dO ∘ O) - dlse: the padded columns carry the -dlse part
             p_sink = torch.exp(sinks.to(lse.dtype).view(1, -1, 1) - lse)
             dsinks = sinks_grad(p_sink, (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)).to(sinks.dtype)
+        if dlse is not None:  # drop the padded columns
+            dq, dk, dv = dq[..., :D0], dk[..., :D0], dv[..., :D0]
         return None, dq, dk.to(k.dtype), dv.to(v.dtype), dsinks
+
+
+def _with_lse_grad(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, dlse: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Pad the head dim so that the fused backward also carries the LSE's gradient.
+
+    The kernel forms Δ = rowsum(dO ∘ O) and dS = P ∘ (dO Vᵀ - Δ); an LSE gradient adds P ∘ dlse, i.e.
+    Δ -> Δ - dlse. Extra columns with O = 1, dO = -dlse, and q, k, v = 0 do exactly that and leave
+    every score and dO Vᵀ unchanged. In bf16/fp16 -dlse is split into two columns (the rounded value
+    and its remainder), so it reaches the kernel's float32 Δ with ~2^-16 relative error, not 2^-8.
+    """
+    dt = q.dtype
+    cols = [-dlse] if dt in (torch.float32, torch.float64) else None
+    if cols is None:
+        hi = (-dlse).to(dt)
+        cols = [hi, (-dlse - hi.to(dlse.dtype))]
+    n = len(cols)
+
+    def pad(t: Tensor, value: float) -> Tensor:
+        return torch.cat([t, t.new_full((*t.shape[:-1], n), value)], dim=-1)
+
+    extra = torch.stack([c.to(dt) for c in cols], dim=-1)
+    return pad(q, 0.0), pad(k, 0.0), pad(v, 0.0), pad(out, 1.0), torch.cat([dout, extra], dim=-1)
 
 
 class SpanBackend(Backend):
@@ -295,8 +324,6 @@ class SpanBackend(Backend):
             r.append(
                 "a bias / alibi tensor requires grad: its gradient is not computed here (use backend='blockwise')"
             )
-        if inputs.return_lse and inputs.requires_grad:
-            r.append("gradients through the returned LSE are not supported here (use backend='blockwise')")
         if not r and not inputs.empty:  # the data checks read q, k and v: only when nothing else refuses
             G = inputs.Hq // inputs.Hkv
             merges = inputs.sinks is not None or not _single_call(inputs.mask, inputs.mods, inputs.ctx, G)
