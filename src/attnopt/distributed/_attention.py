@@ -1,0 +1,481 @@
+"""attnopt.distributed.attention: one sequence sharded across processes, exact, forward and backward.
+
+Every rank passes its shard of q, k and v (the same positions for all three) and the mask, modifiers
+and sinks written for the *global* sequence. Three modes:
+
+* ``ring``: P - 1 point-to-point steps; at step t rank r receives, from rank r - t, only the key rows
+  its queries can see (the plan), while the previous step computes. Backward fetches them again and
+  sends their float32 gradients back to the owner.
+* ``allgather``: one all-gather of every shard, then the same pairs as the ring, bitwise the same
+  arithmetic (gradients return with one all-to-all).
+* ``alltoall`` (DeepSpeed-Ulysses): heads <-> sequence; each rank runs the whole sequence for Hq/P
+  query heads (Hkv/P kv heads: GQA sends kv heads, not query heads); needs Hkv % P == 0.
+
+ring / allgather compute each (query segment, key block) pair with attnopt.attention in float32 (float64
+for float64 inputs; bf16/fp16 inputs are upcast after they travel) and merge the (out, LSE) partials
+in a fixed order — ring step 0, 1, ..., P - 1, i.e. source ranks r, r - 1, ... — never in arrival
+order, so results are bitwise reproducible, and rounding happens once, at the end, in the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .. import api
+from .. import masks as M
+from .. import mods as Mods
+from .._inputs import AttentionInputs, acc_dtype, validate
+from ..merge import add_sinks, merge
+from . import _comm
+from ._comm import Gather, Ring, Traffic, agree, fingerprint
+from ._layout import LAYOUTS, Layout
+from ._local import Piece, head_slice, local_mask, local_mods
+from ._plan import Pair, Plan, make_plan
+
+MODES = ("ring", "allgather", "alltoall")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_WHAT = "attnopt.distributed.attention"
+_TAG = 7100  # point-to-point tags of this module: _TAG + step (K/V), _TAG + P + step (gradients)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: api.MaskArg = None,
+    score_mod: api.ModArg = None,
+    similarity: str = "dot",
+    scale: float | None = None,
+    sinks: Tensor | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+    group: dist.ProcessGroup | None = None,
+    mode: str = "ring",
+    layout: str | Layout = "contiguous",
+    traffic: dict | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Exact attention over a sequence sharded across the ranks of `group` (default: the world).
+
+    Args:
+        q, k, v: this rank's shard, (B, Hq, L, D), (B, Hkv, L, D), (B, Hkv, L, Dv): the same L positions
+            for all three. L may differ between ranks (contiguous layout).
+        mask, score_mod, similarity, scale, sinks, return_lse: as attnopt.attention, with positions in
+            the *global* sequence (N = sum of L over ranks; positional masks and ALiBi align globally,
+            document cu_seqlens are global). Every rank passes the same ones.
+        dropout_p: must be 0 (dropout is not supported across ranks yet).
+        group: the process group (gloo on CPU, NCCL on GPU).
+        mode: "ring" (default), "allgather" or "alltoall" (see the module docstring).
+        layout: which positions each rank holds: "contiguous" (rank order, any lengths), "zigzag"
+            (2P chunks, rank r holds chunks r and 2P-1-r: balances causal work; attnopt.distributed.shard
+            cuts it) or a Layout.
+        traffic: a dict to which this rank adds the bytes it sends ("sent_bytes_forward",
+            "sent_bytes_backward").
+
+    Returns:
+        out (B, Hq, L, Dv) in q's dtype for this rank's queries, or (out, lse (B, Hq, L)).
+
+    Raises, on every rank at once (never a hang): TypeError / ValueError for invalid or inconsistent
+    inputs (naming the rank), NotImplementedError for what is not supported.
+    """
+    amp = api._autocast_dtype(q, k, v)
+    if amp is not None:
+        kw = dict(mask=mask, score_mod=score_mod, similarity=similarity, scale=scale, sinks=sinks)
+        kw |= dict(dropout_p=dropout_p, return_lse=return_lse, group=group, mode=mode, layout=layout)
+        with torch.autocast(q.device.type, enabled=False):
+            return attention(q.to(amp), k.to(amp), v.to(amp), **kw, traffic=traffic)
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            f"{_WHAT}: torch.distributed is not initialized; call torch.distributed.init_process_group "
+            f"(e.g. launch with torchrun) first, or use attnopt.attention in a single process"
+        )
+    rank, P = dist.get_rank(group), dist.get_world_size(group)
+    error: BaseException | None = None
+    meta = [0] * 12
+    local = None
+    try:
+        local = _check_local(
+            q, k, v, similarity, scale, sinks, dropout_p, return_lse, mode, layout, score_mod
+        )
+        B, Hq, L, D = q.shape
+        fp = fingerprint(
+            f"{_describe(mask)}|{_describe(score_mod)}|{similarity}|{local.scale!r}|{sinks is not None}|{return_lse}|"
+            f"{layout if isinstance(layout, str) else layout.segments}"
+        )
+        grad = torch.is_grad_enabled() and any(
+            isinstance(t, Tensor) and t.requires_grad for t in (q, k, v, sinks)
+        )
+        meta = [
+            B,
+            Hq,
+            k.shape[1],
+            L,
+            D,
+            v.shape[3],
+            _DTYPES.index(q.dtype),
+            MODES.index(mode),
+            fp,
+            int(grad),
+            int(q.device.type == "cuda"),
+            0,
+        ]
+    except (TypeError, ValueError, NotImplementedError) as e:
+        error = e
+    table = agree(group, q.device if isinstance(q, Tensor) else torch.device("cpu"), meta, error, _WHAT)
+    names = [
+        "B",
+        "Hq",
+        "Hkv",
+        None,
+        "D",
+        "Dv",
+        "dtype",
+        "mode",
+        "mask/score_mod/similarity/scale/sinks/layout",
+        "requires_grad",
+        "device",
+    ]
+    for i, name in enumerate(names):
+        values = [row[i] for row in table]
+        if name is not None and len(set(values)) > 1:
+            raise ValueError(
+                f"{_WHAT}: the ranks disagree on {name} (per rank: {values}); every rank must pass shards "
+                f"of one problem with the same arguments"
+            )
+    lengths = [row[3] for row in table]
+    lay = _layout(layout, lengths, P)
+    N = lay.total
+    assert local is not None
+    g = _global_inputs(q, k, v, N, mask, score_mod, similarity, scale, sinks, return_lse)
+    acc = acc_dtype(q.dtype)
+    if g.empty:
+        out = (
+            q.new_zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+            + 0 * q.sum()
+            + 0 * k.sum()
+            + 0 * v.sum()
+        )
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
+        if sinks is not None:
+            lse = sinks.to(acc).view(1, -1, 1).expand_as(lse)
+        return (out, lse) if return_lse else out
+    tr = Traffic(traffic)
+    if mode == "alltoall":
+        out, lse = _alltoall(q, k, v, g, lay, rank, group, tr)
+    else:
+        plan = make_plan(lay, g.mask, g.ctx)
+        runner = _Runner(plan, rank, group, g, mode, tr)
+        out, lse = _PairsFn.apply(runner, q, k, v)
+        if sinks is not None:
+            out, lse = add_sinks(out, lse, sinks)
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def _describe(x: object) -> str:
+    """A rank-independent description of a mask / modifier argument (callables by name, not address)."""
+    if isinstance(x, (list, tuple)):
+        return "[" + ", ".join(_describe(y) for y in x) + "]"
+    if isinstance(x, Tensor):
+        return f"tensor{tuple(x.shape)}"
+    if x is None or isinstance(x, (M.Mask, Mods.ScoreMod, str, int, float)):
+        return repr(x)
+    return getattr(x, "__qualname__", type(x).__name__)
+
+
+def _check_local(
+    q, k, v, similarity, scale, sinks, dropout_p, return_lse, mode, layout, score_mod
+) -> AttentionInputs:
+    """This rank's own checks (shapes, dtypes, arguments), before any communication."""
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"{_WHAT}: mode={mode!r} is unknown; allowed: {MODES}")
+    if not (isinstance(layout, Layout) or (isinstance(layout, str) and layout in LAYOUTS)):
+        raise ValueError(
+            f"{_WHAT}: layout={layout!r} is unknown; allowed: {LAYOUTS} or an attnopt.distributed.Layout"
+        )
+    inputs = validate(
+        q, k, v, similarity=similarity, scale=scale, sinks=sinks, dropout_p=dropout_p, return_lse=return_lse
+    )
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(
+            f"{_WHAT}: q holds {q.shape[2]} positions but k/v hold {k.shape[2]}; each rank passes q, k and v "
+            f"for the same positions of one sequence (self-attention shards)"
+        )
+    if dropout_p:
+        raise NotImplementedError(
+            f"{_WHAT}: dropout_p={dropout_p} is not supported across ranks (its keep-mask would depend on the "
+            f"layout); use dropout_p=0.0"
+        )
+    mods = score_mod if isinstance(score_mod, (list, tuple)) else [score_mod]
+    if torch.is_grad_enabled() and any(
+        isinstance(getattr(m, n, None), Tensor) and getattr(m, n).requires_grad
+        for m in mods
+        for n in ("bias", "slopes")
+    ):
+        raise NotImplementedError(
+            f"{_WHAT}: a bias / alibi tensor that requires grad is not supported across ranks; detach it"
+        )
+    return inputs
+
+
+def _layout(layout: str | Layout, lengths: list[int], P: int) -> Layout:
+    if layout == "contiguous":
+        return Layout.contiguous(lengths)
+    lay = Layout.make(layout, sum(lengths), P)
+    expect = [lay.local_length(r) for r in range(P)]
+    if expect != lengths:
+        raise ValueError(
+            f"{_WHAT}: layout {lay.name!r} of N={sum(lengths)} positions puts {expect} positions on the ranks, "
+            f"but they hold {lengths} (shard with attnopt.distributed.shard(x, layout={lay.name!r}))"
+        )
+    return lay
+
+
+def _global_inputs(q, k, v, N, mask, score_mod, similarity, scale, sinks, return_lse) -> AttentionInputs:
+    """Validate mask / modifiers / sinks against the global problem (views of no memory stand for it)."""
+    B, Hq, _, D = q.shape
+
+    def stand_in(t: Tensor, H: int, d: int) -> Tensor:
+        return torch.zeros((), dtype=t.dtype, device=t.device).expand(B, H, N, d)
+
+    return validate(
+        stand_in(q, Hq, D),
+        stand_in(k, k.shape[1], D),
+        stand_in(v, v.shape[1], v.shape[3]),
+        mask=mask,
+        score_mod=score_mod,
+        similarity=similarity,
+        scale=scale,
+        sinks=sinks,
+        return_lse=return_lse,
+    )
+
+
+class _Runner:
+    """One call's plan, transport choice and local descriptors (built once, reused by the backward)."""
+
+    def __init__(self, plan: Plan, rank: int, group, g: AttentionInputs, mode: str, traffic: Traffic):
+        self.plan, self.rank, self.group, self.g, self.mode, self.traffic = (
+            plan,
+            rank,
+            group,
+            g,
+            mode,
+            traffic,
+        )
+        self.P = plan.layout.world_size
+        self._local: dict[Pair, tuple] = {}
+
+    def steps(self) -> list[int]:
+        return self.plan.steps()
+
+    def transport(self, k: Tensor, v: Tensor):
+        cls = Ring if self.mode == "ring" else Gather
+        return cls(self.plan, self.rank, self.group, k, v, self.traffic, _TAG)
+
+    def call(self, p: Pair, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Partial (out, lse) of queries p against its keys, with the global mask / mods restated."""
+        g = self.g
+        if p not in self._local:
+            at = Piece(p.qa, p.k0, 0, g.ctx)
+            n = p.k1 - p.k0
+            m = None if p.full else local_mask(g.mask, at, p.lq, n, g.Hq)
+            self._local[p] = (m, local_mods(g.mods, at, p.lq, n, g.Hq) or None)
+        m, mods = self._local[p]
+        with api.unobserved():
+            return api.attention(
+                q, k, v, mask=m, score_mod=mods, similarity=g.similarity, scale=g.scale, return_lse=True
+            )
+
+
+def _rows(t: Tensor, a: int, n: int) -> Tensor:
+    return t[:, :, a : a + n]
+
+
+def _add_runs(dk: Tensor, dv: Tensor, flat: Tensor, runs, B: int, H: int, D: int, Dv: int) -> None:
+    """Add a flat (K rows, V rows) gradient buffer into this rank's dk, dv at the runs' rows."""
+    rows = sum(b - a for a, b in runs)
+    gk, gv = _comm.unpack(flat, B, H, rows, D, Dv)
+    at = 0
+    for a, b in runs:
+        dk[:, :, a:b] += gk[:, :, at : at + b - a]
+        dv[:, :, a:b] += gv[:, :, at : at + b - a]
+        at += b - a
+
+
+class _PairsFn(torch.autograd.Function):
+    """ring / allgather: forward merges the pairs' partials; backward recomputes each pair with the
+    global (out, lse): d partial_out = w·dO, d partial_lse = w·(dO·(partial_out - out) + dlse), w = exp(l - lse)."""
+
+    @staticmethod
+    def forward(ctx, run: _Runner, q: Tensor, k: Tensor, v: Tensor):
+        acc = acc_dtype(q.dtype)
+        B, Hq, L, _ = q.shape
+        out = q.new_zeros((B, Hq, L, v.shape[3]), dtype=acc)
+        lse = q.new_full((B, Hq, L), float("-inf"), dtype=acc)
+        qc = q.detach().to(acc)
+        tp = run.transport(k.detach(), v.detach())
+        steps = run.steps()
+        if isinstance(tp, Gather):
+            tp.gather("forward")
+        pending = tp.start(steps[0], "forward") if isinstance(tp, Ring) and steps and steps[0] else None
+        with torch.no_grad():
+            for i, t in enumerate(steps):
+                if isinstance(tp, Ring):
+                    handle = pending
+                    nxt = steps[i + 1] if i + 1 < len(steps) else None
+                    pending = tp.start(nxt, "forward") if nxt else None  # overlap: next step in flight
+                    kv = tp.local() if t == 0 else tp.finish(handle)
+                else:
+                    kv = tp.local() if t == 0 else tp.fetch(t)
+                inc = tp.incoming(t)
+                if kv is None or inc is None:
+                    continue
+                kb, vb = kv[0].to(acc), kv[1].to(acc)
+                for p in inc.pairs:
+                    o, part_lse = run.call(
+                        p,
+                        _rows(qc, p.q_loc, p.lq),
+                        _rows(kb, p.buf0, p.k1 - p.k0),
+                        _rows(vb, p.buf0, p.k1 - p.k0),
+                    )
+                    sl = slice(p.q_loc, p.q_loc + p.lq)
+                    mo, ml = merge([out[:, :, sl], o], [lse[:, :, sl], part_lse])
+                    out[:, :, sl], lse[:, :, sl] = mo, ml
+        ctx.run = run
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout: Tensor | None, dlse: Tensor | None):
+        run: _Runner = ctx.run
+        q, k, v, out, lse = ctx.saved_tensors
+        acc = out.dtype
+        B, _, L, D = q.shape
+        Hkv, Dv = k.shape[1], v.shape[3]
+        dout = torch.zeros_like(out) if dout is None else dout.to(acc)
+        dlse = torch.zeros_like(lse) if dlse is None else dlse.to(acc)
+        qc = q.detach().to(acc)
+        dq = torch.zeros_like(qc)
+        dk = torch.zeros((B, Hkv, L, D), dtype=acc, device=q.device)
+        dv = torch.zeros((B, Hkv, L, Dv), dtype=acc, device=q.device)
+        tp = run.transport(k.detach(), v.detach())
+        steps = run.steps()
+        if isinstance(tp, Gather):
+            tp.gather("backward")
+        pending = tp.start(steps[0], "backward") if isinstance(tp, Ring) and steps and steps[0] else None
+        grads: dict[int, Tensor] = {}
+        for i, t in enumerate(steps):
+            if isinstance(tp, Ring):
+                handle = pending
+                nxt = steps[i + 1] if i + 1 < len(steps) else None
+                pending = tp.start(nxt, "backward") if nxt else None
+                kv = tp.local() if t == 0 else tp.finish(handle)
+            else:
+                kv = tp.local() if t == 0 else tp.fetch(t)
+            inc = tp.incoming(t)
+            if kv is None or inc is None:
+                continue
+            kb, vb = kv[0].to(acc), kv[1].to(acc)
+            gk = torch.zeros_like(kb)
+            gv = torch.zeros_like(vb)
+            for p in inc.pairs:
+                n = p.k1 - p.k0
+                sl = slice(p.q_loc, p.q_loc + p.lq)
+                qs = _rows(qc, p.q_loc, p.lq).detach().requires_grad_(True)
+                ks = _rows(kb, p.buf0, n).detach().requires_grad_(True)
+                vs = _rows(vb, p.buf0, n).detach().requires_grad_(True)
+                with torch.enable_grad():
+                    o, part_lse = run.call(p, qs, ks, vs)
+                with torch.no_grad():
+                    live = torch.isfinite(part_lse)
+                    w = torch.where(live, torch.exp(part_lse - torch.where(live, lse[:, :, sl], 0.0)), 0.0)
+                    do = dout[:, :, sl]
+                    g_o = w.unsqueeze(-1) * do
+                    g_l = torch.where(
+                        live, w * ((do * (o.detach() - out[:, :, sl])).sum(-1) + dlse[:, :, sl]), 0.0
+                    )
+                a, b, c = torch.autograd.grad((o, part_lse), (qs, ks, vs), (g_o, g_l), allow_unused=True)
+                if a is not None:
+                    dq[:, :, sl] += a
+                if b is not None:
+                    gk[:, :, p.buf0 : p.buf0 + n] += b
+                if c is not None:
+                    gv[:, :, p.buf0 : p.buf0 + n] += c
+            flat = torch.cat([gk.reshape(-1), gv.reshape(-1)])
+            if t == 0:
+                _add_runs(dk, dv, flat, inc.runs, B, Hkv, D, Dv)
+            else:
+                grads[t] = flat
+        back = tp.return_grads(grads)
+        for t in sorted(back):  # this rank's rows, from ranks r + 1, r + 2, ...: a fixed order
+            out_t = tp.outgoing(t)
+            assert out_t is not None
+            _add_runs(dk, dv, back[t], out_t.runs, B, Hkv, D, Dv)
+        return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _alltoall(
+    q, k, v, g: AttentionInputs, lay: Layout, rank: int, group, tr: Traffic
+) -> tuple[Tensor, Tensor | None]:
+    P = lay.world_size
+    B, Hq, L, _ = q.shape
+    Hkv = k.shape[1]
+    if Hkv % P:
+        raise NotImplementedError(
+            f"{_WHAT}: mode='alltoall' splits heads over the ranks and needs Hkv % P == 0, got Hkv={Hkv}, "
+            f"P={P} (Hq={Hq}); use mode='ring' or 'allgather'"
+        )
+    hq, hk = Hq // P, Hkv // P
+    lengths = [lay.local_length(r) for r in range(P)]
+    order = lay.order(q.device)  # global position of each row in rank order
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=q.device)
+
+    def to_heads(x: Tensor, h: int) -> Tensor:
+        """(B, h*P, L_r, d) shards -> (B, h, N, d) in global order for this rank's head chunk."""
+        d = x.shape[-1]
+        send = torch.cat([x[:, c * h : (c + 1) * h].reshape(-1) for c in range(P)])
+        sizes_out = [B * h * n * d for n in lengths]
+        recv = _comm.AllToAll.apply(send, sizes_out, [send.numel() // P] * P, group)
+        tr.add("sent_bytes_forward", send.numel() * send.element_size() * (P - 1) // P)
+        pieces = [c.view(B, h, n, d) for c, n in zip(recv.split(sizes_out), lengths)]
+        return torch.cat(pieces, dim=2).index_select(2, inverse)
+
+    def to_sequence(y: Tensor) -> Tensor:
+        """(B, hq, N, ...) for this rank's heads -> (B, Hq, L_r, ...) for this rank's rows."""
+        tail = y.shape[3:]
+        per = 1
+        for s in tail:
+            per *= s
+        y = y.index_select(2, order)
+        send = torch.cat([c.reshape(-1) for c in y.split(lengths, dim=2)])
+        sizes_in = [B * hq * n * per for n in lengths]
+        recv = _comm.AllToAll.apply(send, [B * hq * L * per] * P, sizes_in, group)
+        tr.add("sent_bytes_forward", send.numel() * send.element_size() * (P - 1) // P)
+        return torch.cat([c.view(B, hq, L, *tail) for c in recv.split(B * hq * L * per)], dim=1)
+
+    qh, kh, vh = to_heads(q, hq), to_heads(k, hk), to_heads(v, hk)
+    at = Piece(0, 0, rank * hq, g.ctx)
+    N = lay.total
+    with api.unobserved():
+        o, lse = api.attention(
+            qh,
+            kh,
+            vh,
+            mask=local_mask(g.mask, at, N, N, hq),
+            score_mod=local_mods(g.mods, at, N, N, hq) or None,
+            similarity=g.similarity,
+            scale=g.scale,
+            sinks=head_slice(g.sinks, rank * hq, hq),
+            return_lse=True,
+        )
+    out = to_sequence(o)
+    lse_out = to_sequence(lse.unsqueeze(-1)).squeeze(-1) if g.return_lse else None
+    return out, lse_out
+
+
+__all__ = ["MODES", "attention"]

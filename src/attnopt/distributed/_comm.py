@@ -1,0 +1,239 @@
+"""How key/value rows travel between ranks: point-to-point ring steps or one all-gather.
+
+Both transports hand the compute loop the same buffer for the same (destination, source) pair, the
+rows the plan names and nothing else, so ring and allgather run bitwise the same arithmetic. Gradients
+of those rows go back to their owner the same way they came (ring: point-to-point, allgather: one
+all-to-all), in float32, and the owner adds them up in a fixed order.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ._plan import Plan, Transfer
+
+
+def global_rank(group, r: int) -> int:
+    return r if group is None or group is dist.GroupMember.WORLD else dist.get_global_rank(group, r)
+
+
+def fingerprint(text: str) -> int:
+    return zlib.crc32(text.encode())
+
+
+class RankError(ValueError):
+    """Another rank rejected its inputs (every rank stops, none waits forever)."""
+
+
+def agree(
+    group, device: torch.device, meta: Sequence[int], error: BaseException | None, what: str
+) -> list[list[int]]:
+    """All-gather each rank's metadata and error flag; if any rank failed, raise on every rank."""
+    P = dist.get_world_size(group)
+    mine = torch.tensor([1 if error is not None else 0, *meta], dtype=torch.long, device=device)
+    rows = [torch.empty_like(mine) for _ in range(P)]
+    dist.all_gather(rows, mine, group=group)
+    table = [r.tolist() for r in rows]
+    if any(row[0] for row in table):
+        msgs: list[str | None] = [None] * P
+        dist.all_gather_object(
+            msgs, None if error is None else f"{type(error).__name__}: {error}", group=group
+        )
+        if error is not None:
+            raise error
+        bad = [(r, m) for r, m in enumerate(msgs) if m is not None]
+        raise RankError(
+            f"{what}: rank {bad[0][0]} rejected its inputs, so every rank stops here: {bad[0][1]}"
+        )
+    return [row[1:] for row in table]
+
+
+def unpack(flat: Tensor, B: int, H: int, rows: int, D: int, Dv: int) -> tuple[Tensor, Tensor]:
+    nk = B * H * rows * D
+    return flat[:nk].view(B, H, rows, D), flat[nk:].view(B, H, rows, Dv)
+
+
+def pack_runs(k: Tensor, v: Tensor, runs: Sequence[tuple[int, int]]) -> Tensor:
+    """Like pack(), but the k rows of every run first, then the v rows (keys stay in row order)."""
+    kk = torch.cat([k[:, :, a:b] for a, b in runs], dim=2)
+    vv = torch.cat([v[:, :, a:b] for a, b in runs], dim=2)
+    return torch.cat([kk.reshape(-1), vv.reshape(-1)])
+
+
+class Traffic:
+    """Bytes this rank sends (forward and backward), for the traffic goals; optional user dict."""
+
+    def __init__(self, sink: dict | None):
+        self.sink = sink
+
+    def add(self, key: str, n: int) -> None:
+        if self.sink is not None:
+            self.sink[key] = self.sink.get(key, 0) + n
+
+
+class Transport:
+    """Moves the plan's rows. fetch(t) -> (k, v) rows from rank (r - t) % P for this rank."""
+
+    def __init__(self, plan: Plan, rank: int, group, k: Tensor, v: Tensor, traffic: Traffic, tag: int):
+        self.plan, self.rank, self.group = plan, rank, group
+        self.P = plan.layout.world_size
+        self.k, self.v = k, v
+        self.B, self.H, _, self.D = k.shape
+        self.Dv = v.shape[-1]
+        self.traffic = traffic
+        self.tag = tag
+
+    def src(self, t: int) -> int:
+        return (self.rank - t) % self.P
+
+    def dst(self, t: int) -> int:
+        return (self.rank + t) % self.P
+
+    def incoming(self, t: int) -> Transfer | None:
+        return self.plan.get(self.rank, self.src(t))
+
+    def outgoing(self, t: int) -> Transfer | None:
+        return self.plan.get(self.dst(t), self.rank)
+
+    def kv_numel(self, rows: int) -> int:
+        return self.B * self.H * rows * (self.D + self.Dv)
+
+    def local(self) -> tuple[Tensor, Tensor] | None:
+        tr = self.plan.get(self.rank, self.rank)
+        if tr is None:
+            return None
+        return unpack(pack_runs(self.k, self.v, tr.runs), self.B, self.H, tr.rows, self.D, self.Dv)
+
+
+class Ring(Transport):
+    """Step t: rank r sends rank r + t the rows it needs and receives from rank r - t, point to point.
+    The next step's messages are posted before this step computes (communication overlaps compute)."""
+
+    def start(self, t: int, phase: str):
+        works, buf = [], None
+        out, inc = self.outgoing(t), self.incoming(t)
+        if out is not None:
+            payload = pack_runs(self.k, self.v, out.runs)
+            works.append(
+                dist.isend(payload, global_rank(self.group, self.dst(t)), group=self.group, tag=self.tag + t)
+            )
+            self.traffic.add(f"sent_bytes_{phase}", payload.numel() * payload.element_size())
+            works.append(payload)  # keep alive until the send completes
+        if inc is not None:
+            buf = torch.empty(self.kv_numel(inc.rows), dtype=self.k.dtype, device=self.k.device)
+            works.append(
+                dist.irecv(buf, global_rank(self.group, self.src(t)), group=self.group, tag=self.tag + t)
+            )
+        return works, buf, inc
+
+    def finish(self, handle) -> tuple[Tensor, Tensor] | None:
+        works, buf, inc = handle
+        for w in works:
+            if not isinstance(w, Tensor):
+                w.wait()
+        if buf is None:
+            return None
+        return unpack(buf, self.B, self.H, inc.rows, self.D, self.Dv)
+
+    def return_grads(self, grads: dict[int, Tensor], phase: str = "backward") -> dict[int, Tensor]:
+        """Send grads[t] (flat float32 rows of rank r - t) back to their owner; receive the gradients of
+        this rank's rows from every rank r + t. Returns {t: flat gradient from rank r + t}."""
+        works, got = [], {}
+        for t in range(1, self.P):
+            out = self.outgoing(t)
+            if out is not None:
+                got[t] = torch.empty(
+                    self.kv_numel(out.rows),
+                    dtype=torch.float32 if self.k.dtype != torch.float64 else torch.float64,
+                    device=self.k.device,
+                )
+                works.append(
+                    dist.irecv(
+                        got[t],
+                        global_rank(self.group, self.dst(t)),
+                        group=self.group,
+                        tag=self.tag + self.P + t,
+                    )
+                )
+            if t in grads:
+                g = grads[t]
+                works.append(
+                    dist.isend(
+                        g, global_rank(self.group, self.src(t)), group=self.group, tag=self.tag + self.P + t
+                    )
+                )
+                self.traffic.add(f"sent_bytes_{phase}", g.numel() * g.element_size())
+        for w in works:
+            w.wait()
+        return got
+
+
+class Gather(Transport):
+    """One all-gather of every rank's whole K/V shard (padded to the longest); fetch(t) then slices
+    the rows the plan names from rank r - t's shard, exactly the buffer the ring would receive."""
+
+    def gather(self, phase: str) -> None:
+        lengths = [self.plan.layout.local_length(r) for r in range(self.P)]
+        width = max(lengths)
+        mine = pack_runs(self.k, self.v, [(0, lengths[self.rank])])
+        flat = torch.zeros(self.kv_numel(width), dtype=self.k.dtype, device=self.k.device)
+        flat[: mine.numel()] = mine
+        bufs = [torch.empty_like(flat) for _ in range(self.P)]
+        dist.all_gather(bufs, flat, group=self.group)
+        self.traffic.add(f"sent_bytes_{phase}", (self.P - 1) * mine.numel() * mine.element_size())
+        self.shards = [
+            unpack(b[: self.kv_numel(n)], self.B, self.H, n, self.D, self.Dv) for b, n in zip(bufs, lengths)
+        ]
+
+    def fetch(self, t: int) -> tuple[Tensor, Tensor] | None:
+        inc = self.incoming(t)
+        if inc is None:
+            return None
+        k, v = self.shards[self.src(t)]
+        return unpack(pack_runs(k, v, inc.runs), self.B, self.H, inc.rows, self.D, self.Dv)
+
+    def return_grads(self, grads: dict[int, Tensor], phase: str = "backward") -> dict[int, Tensor]:
+        """One all-to-all: grads[t] goes to rank r - t; returns {t: gradient from rank r + t}."""
+        acc = torch.float64 if self.k.dtype == torch.float64 else torch.float32
+        send, send_sizes, recv_sizes = [], [], []
+        for peer in range(self.P):
+            t_out = (self.rank - peer) % self.P  # peer = r - t_out
+            g = grads.get(t_out) if peer != self.rank else None
+            send.append(g if g is not None else torch.zeros(0, dtype=acc, device=self.k.device))
+            send_sizes.append(send[-1].numel())
+            t_in = (peer - self.rank) % self.P  # peer = r + t_in
+            out = self.outgoing(t_in) if peer != self.rank else None
+            recv_sizes.append(0 if out is None else self.kv_numel(out.rows))
+        flat_in = torch.cat(send)
+        flat_out = torch.empty(sum(recv_sizes), dtype=acc, device=self.k.device)
+        dist.all_to_all_single(flat_out, flat_in, recv_sizes, send_sizes, group=self.group)
+        self.traffic.add(f"sent_bytes_{phase}", flat_in.numel() * flat_in.element_size())
+        got, at = {}, 0
+        for peer, n in enumerate(recv_sizes):
+            if n:
+                got[(peer - self.rank) % self.P] = flat_out[at : at + n]
+            at += n
+        return got
+
+
+class AllToAll(torch.autograd.Function):
+    """dist.all_to_all_single with split sizes on a flat tensor; its gradient travels the other way."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, out_sizes: list[int], in_sizes: list[int], group) -> Tensor:
+        ctx.sizes, ctx.group = (out_sizes, in_sizes), group
+        out = x.new_empty(sum(out_sizes))
+        dist.all_to_all_single(out, x.contiguous(), out_sizes, in_sizes, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        out_sizes, in_sizes = ctx.sizes
+        back = grad.new_empty(sum(in_sizes))
+        dist.all_to_all_single(back, grad.contiguous(), in_sizes, out_sizes, group=ctx.group)
+        return back, None, None, None
