@@ -1,0 +1,236 @@
+"""Context parallelism (attnopt.distributed) on real gloo processes spawned here, against one process.
+
+Every check runs the sharded call on P processes and the same problem unsharded in each process, and
+compares: outputs, LSEs and the gradients of q, k, v and sinks (the loss takes both out and lse).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import attnopt as ao
+import attnopt.distributed as cp
+from attnopt import mods as am
+from tests._dist import run_ranks
+
+# fp32, per tensor, relative to its largest entry: the sharded result is within TOL of the float64
+# oracle, and within 2·TOL of single-process fp32 attnopt (which is itself up to ~7e-7 off the oracle in
+# dq here: two fp32 results can each be within TOL of the truth and 1.06e-6 apart, as measured).
+TOL = 1e-6
+MODES = ("ring", "allgather", "alltoall")
+
+
+def _variants(N: int, Hq: int, g: torch.Generator) -> dict[str, dict]:
+    """Global-position masks and modifiers (the same on every rank: built from a seeded generator)."""
+    cu = [0, N // 7, N // 7, N // 2 + 3, N]  # an empty document; boundaries inside shards
+    return {
+        "none": {},
+        "causal": {"mask": ao.causal()},
+        "window": {"mask": ao.sliding_window(7)},
+        "window_5_3": {"mask": ao.sliding_window(5, 3)},
+        "documents": {"mask": ao.document(cu)},
+        "documents_causal": {"mask": ao.document(cu) & ao.causal()},
+        "document_causal": {"mask": ao.document_causal(cu, cu)},
+        "prefix_lm": {"mask": ao.prefix_lm(N // 3)},
+        "alibi": {"mask": ao.causal(), "score_mod": am.alibi(am.alibi_slopes(Hq))},
+        "softcap": {"mask": ao.causal(), "score_mod": am.softcap(2.0)},
+        "sinks": {"mask": ao.causal(), "sinks": torch.randn(Hq, generator=g)},
+        "custom": {"mask": ao.custom(_every_third)},
+        "bias": {"mask": ao.causal(), "score_mod": am.bias(torch.randn(1, Hq, N, N, generator=g))},
+        "cosine": {"mask": ao.causal(), "similarity": "cosine", "scale": 3.0},
+    }
+
+
+def _every_third(b, h, i, j):
+    return (i - j) % 3 != 1
+
+
+def _data(B, Hq, Hkv, N, D, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, N, D, generator=g) for h in (Hq, Hkv, Hkv))
+    do, dl = torch.randn(B, Hq, N, D, generator=g), torch.randn(B, Hq, N, generator=g)
+    return [t.to(dtype) for t in (q, k, v)], do, dl, g
+
+
+def _loss(out, lse, do, dl):
+    return (out.float() * do).sum() + torch.where(torch.isfinite(lse), lse * dl, 0.0).sum()
+
+
+def _run(fn_args, kwargs, do, dl):
+    """(out, lse, grads of q, k, v, sinks) of fn on leaves made from fn_args."""
+    fn, tensors = fn_args
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    sinks = kwargs.get("sinks")
+    if sinks is not None:
+        sinks = sinks.detach().clone().requires_grad_(True)
+        kwargs = {**kwargs, "sinks": sinks}
+    out, lse = fn(*leaves, **kwargs, return_lse=True)
+    _loss(out, lse, do, dl).backward()
+    grads = [t.grad for t in leaves] + [None if sinks is None else sinks.grad]
+    return out.detach(), lse.detach(), grads
+
+
+def _rel(got, want) -> float:
+    if want is None:
+        return 0.0 if got is None else float(got.abs().max())
+    ok = torch.isfinite(want)
+    if not bool((got[~ok] == want[~ok]).all()):
+        return float("inf")
+    scale = float(want[ok].abs().max()) if bool(ok.any()) else 1.0
+    return float((got[ok] - want[ok]).abs().max()) / max(scale, 1e-30)
+
+
+def _layouts(P: int, N: int) -> dict[str, cp.Layout]:
+    uneven = [N // P + (7 if r == 0 else -7 if r == P - 1 else 0) for r in range(P)]
+    return {
+        "contiguous": cp.Layout.make("contiguous", N, P),
+        "uneven": cp.Layout.contiguous(uneven),
+        "zigzag": cp.Layout.zigzag(N, P),
+    }
+
+
+def _exactness(rank: int, P: int, Hq: int, Hkv: int, N: int) -> dict[str, float]:
+    """Max relative error per (layout, mode, variant, tensor) of this rank's shard."""
+    (q, k, v), do, dl, g = _data(2, Hq, Hkv, N, 16)
+    errors = {}
+    for vname, kw in _variants(N, Hq, g).items():
+        ref = _run((ao.attention, (q, k, v)), kw, do, dl)
+        kw64 = {n: (t.double() if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
+        if "score_mod" in kw and isinstance(kw["score_mod"], am.bias):
+            kw64["score_mod"] = am.bias(kw["score_mod"].bias.double())
+        ref64 = _run((ao.attention, [t.double() for t in (q, k, v)]), kw64, do.double(), dl.double())
+        for lname, lay in _layouts(P, N).items():
+            sh = [cp.shard(t, layout=lay, dim=2) for t in (q, k, v)]
+            for mode in MODES:
+                if mode == "alltoall" and lname == "uneven" and vname not in ("causal", "documents"):
+                    continue  # alltoall ignores the layout beyond reordering: two variants suffice
+
+                def fn(a, b, c, **kwargs):
+                    return cp.attention(a, b, c, **kwargs, mode=mode, layout=lay)  # noqa: B023
+
+                got = _run((fn, sh), kw, cp.shard(do, layout=lay), cp.shard(dl, layout=lay))
+                names = ["out", "lse", "dq", "dk", "dv", "dsinks"]
+                for against, r in (("single", ref), ("f64", ref64)):
+                    want = [cp.shard(t, layout=lay) for t in r[:2]]
+                    want_g = [cp.shard(t, layout=lay) for t in r[2][:3]] + [r[2][3]]
+                    for name, a, b in zip(names, [*got[:2], *got[2]], [*want, *want_g]):
+                        if name == "dsinks" and b is not None:  # each rank holds part of the sink gradient
+                            a = a.clone()
+                            dist.all_reduce(a)
+                        errors[f"{against}:{lname}/{mode}/{vname}/{name}"] = _rel(
+                            a.to(b.dtype) if b is not None else a, b
+                        )
+    return errors
+
+
+def _check_exact(P: int, Hq: int, Hkv: int, N: int) -> None:
+    per_rank = run_ranks(_exactness, P, Hq, Hkv, N)
+    worst = {key: max(r[key] for r in per_rank) for key in per_rank[0]}
+    bad = {key: e for key, e in worst.items() if not e <= (TOL if key.startswith("f64:") else 2 * TOL)}
+    assert not bad, f"{len(bad)} of {len(worst)} comparisons off by more than the bound: {bad}"
+    assert len(worst) > 600
+
+
+def test_exact_on_two_processes():
+    """Every mode, layout and variant on 2 processes equals one process within 1e-6 (fwd and bwd)."""
+    _check_exact(2, 4, 2, 96)
+
+
+def test_exact_on_four_processes():
+    _check_exact(4, 8, 4, 128)
+
+
+def _bits(rank: int, P: int) -> dict[str, bool]:
+    """Three runs of each mode give identical bits; ring and allgather give each other's bits."""
+    N, Hq, Hkv = 96, 4, 2
+    (q, k, v), do, dl, g = _data(1, Hq, Hkv, N, 16, seed=5)
+    cu = [0, 30, 61, N]
+    kw = {"mask": ao.document(cu) & ao.causal(), "sinks": torch.randn(Hq, generator=g)}
+    lay = cp.Layout.zigzag(N, P)
+    sh = [cp.shard(t, layout=lay) for t in (q, k, v)]
+    results = {}
+    for mode in MODES:
+
+        def fn(a, b, c, **kwargs):
+            return cp.attention(a, b, c, **kwargs, mode=mode, layout=lay)  # noqa: B023
+
+        runs = [_run((fn, sh), kw, cp.shard(do, layout=lay), cp.shard(dl, layout=lay)) for _ in range(3)]
+        flat = [[r[0], r[1], *r[2]] for r in runs]
+        results[mode] = flat[0]
+        results[f"{mode} x3"] = all(torch.equal(a, b) for f in flat[1:] for a, b in zip(flat[0], f))
+    results["ring == allgather"] = all(
+        torch.equal(a, b) for a, b in zip(results["ring"], results["allgather"])
+    )
+    return {key: val for key, val in results.items() if isinstance(val, bool)}
+
+
+def test_bitwise_reproducible():
+    for rank_result in run_ranks(_bits, 2):
+        assert all(rank_result.values()), rank_result
+        assert set(rank_result) == {"ring x3", "allgather x3", "alltoall x3", "ring == allgather"}
+
+
+def _errors(rank: int, P: int) -> dict[str, str]:
+    """Bad or inconsistent inputs raise on every rank (naming the problem) and leave the group usable."""
+    N, Hq, Hkv = 32, 4, 2
+    (q, k, v), _, _, _ = _data(1, Hq, Hkv, N, 8)
+    sh = [cp.shard(t, layout="contiguous") for t in (q, k, v)]
+    cases = {
+        "rank-dependent mask": lambda: cp.attention(
+            *sh, mask=ao.causal() if rank == 0 else ao.sliding_window(3)
+        ),
+        "rank-dependent dtype": lambda: cp.attention(*[t.double() if rank else t for t in sh]),
+        "bad shape on rank 1": lambda: cp.attention(sh[0][0] if rank == 1 else sh[0], *sh[1:]),
+        "alltoall heads": lambda: cp.attention(sh[0], sh[1][:, :1], sh[2][:, :1], mode="alltoall"),
+        "dropout": lambda: cp.attention(*sh, dropout_p=0.1),
+        "zigzag lengths": lambda: (
+            cp.attention(*sh, layout="zigzag")
+            if P > 2
+            else cp.attention(*[t[:, :, : 5 + 3 * rank] for t in sh], layout="zigzag")
+        ),
+        "documents end": lambda: cp.attention(*sh, mask=ao.document([0, 5, N - 1])),
+        "mode": lambda: cp.attention(*sh, mode="tree"),
+        "k length": lambda: cp.attention(sh[0], sh[1][:, :, :-1], sh[2][:, :, :-1]),
+    }
+    got = {}
+    for name, call in cases.items():
+        try:
+            call()
+            got[name] = "no error"
+        except Exception as e:  # the test reports the type and message
+            got[name] = f"{type(e).__name__}: {e}"
+    out = cp.attention(*sh, mask=ao.causal())  # the group still works after all that
+    want = cp.shard(ao.attention(q, k, v, mask=ao.causal()), layout="contiguous")
+    got["after"] = "ok" if _rel(out, want) <= TOL else f"wrong: {_rel(out, want)}"
+    return got
+
+
+def test_bad_input_raises_on_every_rank():
+    r0, r1 = run_ranks(_errors, 2)
+    expect = {
+        "rank-dependent mask": ("ValueError", "disagree on mask"),
+        "rank-dependent dtype": ("ValueError", "disagree on dtype"),
+        "alltoall heads": ("NotImplementedError", "Hkv % P == 0"),
+        "dropout": ("NotImplementedError", "dropout_p=0.1"),
+        "zigzag lengths": ("ValueError", "layout 'zigzag'"),
+        "documents end": ("ValueError", "cu_seqlens ends at"),
+        "mode": ("ValueError", "mode='tree'"),
+        "k length": ("ValueError", "q holds 16 positions but k/v hold 15"),
+    }
+    for name, (kind, text) in expect.items():
+        for r in (r0, r1):
+            assert r[name].startswith(kind) and text in r[name], (name, r[name])
+    assert r1["bad shape on rank 1"].startswith("ValueError") and "q.ndim=3" in r1["bad shape on rank 1"]
+    assert (
+        r0["bad shape on rank 1"].startswith("RankError") and "rank 1 rejected" in r0["bad shape on rank 1"]
+    )
+    assert r0["after"] == r1["after"] == "ok"
+
+
+def test_not_initialized_is_a_clear_error():
+    import pytest
+
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(RuntimeError, match=r"torch\.distributed is not initialized"):
+        cp.attention(q, q, q)
