@@ -12,6 +12,7 @@ import multiprocessing as mp
 import os
 import queue
 import socket
+import time
 import traceback
 
 
@@ -59,12 +60,16 @@ def run_ranks(fn, P: int, *args, timeout: float = 240.0) -> list:
         else:
             os.environ["OMP_NUM_THREADS"] = env_before
     results: dict[int, tuple[bool, object]] = {}
+    deadline = time.monotonic() + timeout
     try:
-        while len(results) < P:
-            rank, ok, value = out.get(timeout=timeout)
+        while len(results) < P and time.monotonic() < deadline:
+            try:
+                rank, ok, value = out.get(timeout=1.0)
+            except queue.Empty:
+                if not any(p.is_alive() for p in procs) and out.empty():
+                    break  # every child exited without a word (crashed at start-up)
+                continue
             results[rank] = (ok, value)
-    except queue.Empty:
-        pass
     finally:
         for p in procs:
             p.join(timeout=10)

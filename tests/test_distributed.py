@@ -234,3 +234,123 @@ def test_not_initialized_is_a_clear_error():
     q = torch.randn(1, 2, 4, 8)
     with pytest.raises(RuntimeError, match=r"torch\.distributed is not initialized"):
         cp.attention(q, q, q)
+
+
+def _bf16(rank: int, P: int) -> dict[str, float]:
+    """bf16 error vs the float64 oracle of out, dq, dk, dv for groups of 1, 2, 4, ... P ranks."""
+    N, Hq, Hkv, D = 256, 8, 8, 32
+    (q, k, v), do, dl, _ = _data(1, Hq, Hkv, N, D, seed=9)
+    kw = {"mask": ao.causal() & ao.sliding_window(150)}
+    ref = _run((ao.attention, [t.double() for t in (q, k, v)]), kw, do.double(), dl.double())
+    qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))
+    single = _run((ao.attention, (qb, kb, vb)), kw, do, dl)
+    errors = {}
+    names = ("out", "dq", "dk", "dv")
+
+    def err(got, want) -> torch.Tensor:
+        """(max |error|, sum of squared errors, count): max is the headline, the sums give an RMS."""
+        d = got.double() - want
+        return torch.stack(
+            [d.abs().max(), (d * d).sum(), torch.tensor(float(d.numel()), dtype=torch.float64)]
+        )
+
+    def record(key: str, e: torch.Tensor) -> None:
+        errors[key], errors[f"{key}/rms"] = float(e[0]), float((e[1] / e[2]).sqrt())
+
+    if rank == 0:
+        for name, a, b in zip(names, [single[0], *single[2][:3]], [ref[0], *ref[2][:3]]):
+            record(f"single/{name}", err(a, b))
+    sizes = [1 << i for i in range(P.bit_length()) if 1 << i <= P]
+    for n in sizes:
+        group = dist.new_group(list(range(n)))
+        if rank >= n:
+            continue
+        lay = cp.Layout.zigzag(N, n)
+        sh = [cp.shard(t, layout=lay, rank=rank, world_size=n) for t in (qb, kb, vb)]
+        for mode in MODES:
+
+            def fn(a, b, c, **kwargs):
+                return cp.attention(a, b, c, **kwargs, mode=mode, layout=lay, group=group)  # noqa: B023
+
+            def part(t):
+                return cp.shard(t, layout=lay, rank=rank, world_size=n)  # noqa: B023
+
+            got = _run((fn, sh), kw, part(do), part(dl))
+            for name, a, b in zip(names, [got[0], *got[2][:3]], [ref[0], *ref[2][:3]]):
+                e = err(a, part(b))
+                top, sums = e[:1].clone(), e[1:].clone()
+                dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+                dist.all_reduce(sums, group=group)
+                record(f"P{n}/{mode}/{name}", torch.cat([top, sums]))
+    return errors
+
+
+def test_bf16_error_does_not_grow_with_ranks():
+    """bf16 error vs float64 for P = 1, 2, 4, 8 processes: flat in P (ring-flash-attn's grows, #42), and
+    ring / allgather, which merge float32 partials and round once, have no larger RMS error than one
+    device's bf16 (max errors are single bf16 roundings either way: ring's max dq error measured 1.076e-2
+    against the single device's 1.009e-2, its RMS error is lower)."""
+    errors = run_ranks(_bf16, 8, timeout=300)[0]
+    for mode in MODES:
+        for name in ("out", "dq", "dk", "dv"):
+            for stat in ("", "/rms"):
+                base = errors[f"P1/{mode}/{name}{stat}"]
+                for n in (2, 4, 8):
+                    assert errors[f"P{n}/{mode}/{name}{stat}"] <= 1.1 * base, (mode, name, n, errors)
+            if mode != "alltoall":  # alltoall runs the single-device bf16 kernel on whole sequences
+                assert errors[f"P1/{mode}/{name}/rms"] <= errors[f"single/{name}/rms"], (mode, name, errors)
+
+
+def test_window_traffic_plan_at_128k():
+    """W=4096, N=128K, P=8: a rank sends only W rows (K and V) to its right neighbour: <= 2·W·Hkv·D·bytes,
+    >= 8x less than a full ring; packed documents aligned to shards send nothing at all."""
+    N, P, W, Hkv, D, nbytes = 128 * 1024, 8, 4096, 8, 128, 2
+    ctx = ao.masks.MaskContext(1, 32, N, N)
+    lay = cp.Layout.make("contiguous", N, P)
+    window = cp.make_plan(lay, ao.causal() & ao.sliding_window(W), ctx)
+    full = cp.make_plan(lay, None, ctx)
+    for r in range(P):
+        sent = window.rows_sent(r) * Hkv * 2 * D * nbytes  # K and V rows
+        assert sent <= 2 * W * Hkv * D * nbytes
+        assert window.peers(r) == ([r - 1, r] if r else [r])  # neighbours only
+        assert full.rows_sent(r) * Hkv * 2 * D * nbytes >= 8 * sent
+        assert sent == (W * Hkv * 2 * D * nbytes if r < P - 1 else 0)
+    docs = ao.document(list(range(0, N + 1, N // P)))
+    assert all(cp.make_plan(lay, docs, ctx).peers(r) == [r] for r in range(P))
+    causal = cp.make_plan(cp.Layout.zigzag(N, P), ao.causal(), ctx)
+    assert causal.steps() == list(range(P))  # causal talks to everyone
+
+
+def _traffic(rank: int, P: int) -> dict[str, int]:
+    """Bytes the transports count in a real run vs what the plan says they should send."""
+    N, Hq, Hkv, D, W = 256 * P, 4, 2, 16, 64
+    (q, k, v), do, _, _ = _data(1, Hq, Hkv, N, D)
+    lay = cp.Layout.make("contiguous", N, P)
+    sh = [cp.shard(t, layout=lay).to(torch.bfloat16).requires_grad_(True) for t in (q, k, v)]
+    result = {}
+    for name, mask in (("window", ao.sliding_window(W)), ("full", None)):
+        for mode in ("ring", "allgather"):
+            counted: dict = {}
+            out = cp.attention(*sh, mask=mask, mode=mode, layout=lay, traffic=counted)
+            out.float().backward(cp.shard(do, layout=lay))
+            result[f"{name}/{mode}/forward"] = counted.get("sent_bytes_forward", 0)
+            result[f"{name}/{mode}/backward"] = counted.get("sent_bytes_backward", 0)
+        plan = cp.make_plan(lay, mask, ao.masks.MaskContext(1, Hq, N, N))
+        result[f"{name}/plan_rows"] = plan.rows_sent(rank)
+    return result
+
+
+def test_counted_traffic_matches_the_plan():
+    P, Hkv, D, W, L = 4, 2, 16, 64, 256
+    for r, got in enumerate(run_ranks(_traffic, P)):
+        row = Hkv * 2 * D  # K and V entries per key row (B = 1)
+        assert got["window/plan_rows"] == (W if r < P - 1 else 0)
+        assert got["window/ring/forward"] == got["window/plan_rows"] * row * 2  # bf16 travels as bf16
+        # backward: the same rows again (bf16) and their float32 gradients back to the owner
+        assert (
+            got["window/ring/backward"] == got["window/plan_rows"] * row * 2 + (W if r > 0 else 0) * row * 4
+        )
+        assert got["full/ring/forward"] == got["full/plan_rows"] * row * 2 == (P - 1) * L * row * 2
+        if r < P - 1:
+            assert got["full/ring/forward"] >= 8 * got["window/ring/forward"]
+        assert got["window/allgather/forward"] == got["full/allgather/forward"] == (P - 1) * L * row * 2
