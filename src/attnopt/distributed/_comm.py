@@ -237,3 +237,29 @@ class AllToAll(torch.autograd.Function):
         back = grad.new_empty(sum(in_sizes))
         dist.all_to_all_single(back, grad.contiguous(), in_sizes, out_sizes, group=ctx.group)
         return back, None, None, None
+
+
+class AllGather(torch.autograd.Function):
+    """dist.all_gather of equal-shaped tensors -> (P, *shape); the gradient of this rank's tensor is
+    the sum, in rank order, of every rank's gradient for it (one all-to-all)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        P = dist.get_world_size(group)
+        out = [torch.empty_like(x) for _ in range(P)]
+        dist.all_gather(out, x.contiguous(), group=group)
+        return torch.stack(out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        P = grad.shape[0]
+        flat = grad.contiguous().reshape(-1)
+        back = torch.empty_like(flat)
+        n = flat.numel() // P
+        dist.all_to_all_single(back, flat, [n] * P, [n] * P, group=ctx.group)
+        parts = back.view(P, *grad.shape[1:])
+        total = parts[0].clone()
+        for part in parts[1:]:
+            total += part
+        return total, None

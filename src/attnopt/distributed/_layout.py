@@ -153,7 +153,8 @@ def unshard(x: Tensor, *, dim: int = 2, layout: str | Layout = "zigzag", group=N
     Differentiable: the gradient of the full tensor flows back to this rank's shard.
     """
     import torch.distributed as dist
-    import torch.distributed.nn.functional as dnn
+
+    from ._comm import AllGather
 
     if not isinstance(x, Tensor):
         raise TypeError(f"unshard: x must be a torch.Tensor, got {type(x).__name__}")
@@ -173,7 +174,7 @@ def unshard(x: Tensor, *, dim: int = 2, layout: str | Layout = "zigzag", group=N
     pad = list(x.shape)
     pad[dim] = width - x.shape[dim]
     padded = torch.cat([x, x.new_zeros(pad)], dim=dim) if pad[dim] else x
-    gathered = dnn.all_gather(padded.contiguous(), group=group)
+    gathered = AllGather.apply(padded, group)
     runs = sorted(
         ((g, gathered[r].narrow(dim, at, n)) for r in range(p) for at, g, n in lay.local_runs(r) if n),
         key=lambda run: run[0],
