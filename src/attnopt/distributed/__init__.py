@@ -9,7 +9,19 @@ See attention() for the modes (ring, allgather, alltoall) and what is exact abou
 """
 
 from ._attention import MODES, attention
+from ._hf import context_parallel, shard_inputs
 from ._layout import LAYOUTS, Layout, shard, unshard
 from ._plan import Plan, make_plan
 
-__all__ = ["LAYOUTS", "MODES", "Layout", "Plan", "attention", "make_plan", "shard", "unshard"]
+__all__ = [
+    "LAYOUTS",
+    "MODES",
+    "Layout",
+    "Plan",
+    "attention",
+    "context_parallel",
+    "make_plan",
+    "shard",
+    "shard_inputs",
+    "unshard",
+]

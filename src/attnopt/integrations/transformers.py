@@ -59,6 +59,10 @@ class _Full:
 
 FULL = _Full()
 
+# While attnopt.distributed.context_parallel() is active, both registered functions hand their calls to
+# this object (its .mask() and .attention()), which runs the sequence sharded across processes.
+_route: Any = None
+
 
 def register(name: str = "attnopt") -> str:
     """Register attnopt under ``name`` with transformers (attention + mask function); return the name.
@@ -105,6 +109,10 @@ def mask_interface(
     Idempotent: given one of its own results as ``attention_mask`` (``generate`` builds masks ahead of
     time for compileable caches and the model passes them back through mask creation), returns it.
     """
+    if _route is not None:
+        return _route.mask(
+            batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask
+        )
     if isinstance(attention_mask, (M.Mask, _Full)):
         return attention_mask
     if mask_function is None:
@@ -418,6 +426,21 @@ def attention_forward(
     **kwargs: Any,
 ) -> tuple[Tensor, Tensor | None]:
     """transformers' attention-function signature on attnopt: (B, Sq, Hq, Dv) contiguous, weights|None."""
+    if _route is not None:
+        return _route.attention(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            softcap=softcap,
+            s_aux=s_aux,
+            output_attentions=output_attentions,
+            **kwargs,
+        )
     paged = kwargs.get("attnopt_paged")
     if paged is not None:  # a step of attnopt.serving: keys and values live in its paged pool
         if softcap or s_aux is not None or output_attentions or kwargs.get("sliding_window"):
@@ -456,11 +479,8 @@ def attention_forward(
             f"function), None, or a 4-D bool/float tensor. Load the model with attn_implementation='attnopt' "
             f"after attnopt.integrations.transformers.register() so both functions are used."
         )
-    if softcap:  # transformers caps the raw scores, then adds the mask (gemma2): cap first
-        mods.insert(0, Mods.softcap(float(softcap)))
-    sinks = None
-    if s_aux is not None:  # gpt-oss style learnable sinks, one logit per query head
-        sinks = s_aux.reshape(-1).to(query.dtype)
+    cap, sinks = _softcap_and_sinks(softcap, s_aux, query.dtype)
+    mods = cap + mods  # transformers caps the raw scores, then adds the mask (gemma2): cap first
     out = ao.attention(
         query,
         key,
@@ -477,6 +497,17 @@ def attention_forward(
         if weights.shape[-1] < Sk:  # unfilled slots of a preallocated buffer get weight 0, as with eager
             weights = torch.nn.functional.pad(weights, (0, Sk - weights.shape[-1]))
     return out.transpose(1, 2).contiguous(), weights
+
+
+def _softcap_and_sinks(
+    softcap: float | None, s_aux: Tensor | None, dtype: torch.dtype
+) -> tuple[list[Mods.ScoreMod], Tensor | None]:
+    """transformers' ``softcap`` and ``s_aux`` as attnopt arguments: ([softcap] or [], sinks (Hq,) or None).
+
+    ``s_aux`` holds gpt-oss style learnable sinks, one logit per query head.
+    """
+    cap: list[Mods.ScoreMod] = [Mods.softcap(float(softcap))] if softcap else []
+    return cap, None if s_aux is None else s_aux.reshape(-1).to(dtype)
 
 
 def _check_dense_weights(q: Tensor, k: Tensor) -> None:
