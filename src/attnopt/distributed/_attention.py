@@ -305,6 +305,31 @@ def _add_runs(dk: Tensor, dv: Tensor, flat: Tensor, runs, B: int, H: int, D: int
         at += b - a
 
 
+def _blocks(run: _Runner, k: Tensor, v: Tensor, phase: str):
+    """(transport, yields (t, (k rows, v rows) or None, Transfer or None)) for ring steps t in order.
+
+    The ring posts step t + 1's messages before step t is handed out (communication overlaps compute);
+    allgather gathers every shard first and slices the same rows the ring would receive.
+    """
+    tp = run.transport(k, v)
+    steps = run.steps()
+
+    def gen():
+        if isinstance(tp, Gather):
+            tp.gather(phase)
+            for t in steps:
+                yield t, tp.local() if t == 0 else tp.fetch(t), tp.incoming(t)
+            return
+        pending = tp.start(steps[0], phase) if steps and steps[0] else None
+        for i, t in enumerate(steps):
+            handle = pending
+            nxt = steps[i + 1] if i + 1 < len(steps) else None
+            pending = tp.start(nxt, phase) if nxt else None
+            yield t, tp.local() if t == 0 else tp.finish(handle), tp.incoming(t)
+
+    return tp, gen()
+
+
 class _PairsFn(torch.autograd.Function):
     """ring / allgather: forward merges the pairs' partials; backward recomputes each pair with the
     global (out, lse): d partial_out = w·dO, d partial_lse = w·(dO·(partial_out - out) + dlse), w = exp(l - lse)."""
@@ -316,34 +341,19 @@ class _PairsFn(torch.autograd.Function):
         out = q.new_zeros((B, Hq, L, v.shape[3]), dtype=acc)
         lse = q.new_full((B, Hq, L), float("-inf"), dtype=acc)
         qc = q.detach().to(acc)
-        tp = run.transport(k.detach(), v.detach())
-        steps = run.steps()
-        if isinstance(tp, Gather):
-            tp.gather("forward")
-        pending = tp.start(steps[0], "forward") if isinstance(tp, Ring) and steps and steps[0] else None
+        _, blocks = _blocks(run, k.detach(), v.detach(), "forward")
         with torch.no_grad():
-            for i, t in enumerate(steps):
-                if isinstance(tp, Ring):
-                    handle = pending
-                    nxt = steps[i + 1] if i + 1 < len(steps) else None
-                    pending = tp.start(nxt, "forward") if nxt else None  # overlap: next step in flight
-                    kv = tp.local() if t == 0 else tp.finish(handle)
-                else:
-                    kv = tp.local() if t == 0 else tp.fetch(t)
-                inc = tp.incoming(t)
+            for _, kv, inc in blocks:
                 if kv is None or inc is None:
                     continue
                 kb, vb = kv[0].to(acc), kv[1].to(acc)
                 for p in inc.pairs:
+                    n = p.k1 - p.k0
                     o, part_lse = run.call(
-                        p,
-                        _rows(qc, p.q_loc, p.lq),
-                        _rows(kb, p.buf0, p.k1 - p.k0),
-                        _rows(vb, p.buf0, p.k1 - p.k0),
+                        p, _rows(qc, p.q_loc, p.lq), _rows(kb, p.buf0, n), _rows(vb, p.buf0, n)
                     )
                     sl = slice(p.q_loc, p.q_loc + p.lq)
-                    mo, ml = merge([out[:, :, sl], o], [lse[:, :, sl], part_lse])
-                    out[:, :, sl], lse[:, :, sl] = mo, ml
+                    out[:, :, sl], lse[:, :, sl] = merge([out[:, :, sl], o], [lse[:, :, sl], part_lse])
         ctx.run = run
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.set_materialize_grads(False)
@@ -362,60 +372,63 @@ class _PairsFn(torch.autograd.Function):
         dq = torch.zeros_like(qc)
         dk = torch.zeros((B, Hkv, L, D), dtype=acc, device=q.device)
         dv = torch.zeros((B, Hkv, L, Dv), dtype=acc, device=q.device)
-        tp = run.transport(k.detach(), v.detach())
-        steps = run.steps()
-        if isinstance(tp, Gather):
-            tp.gather("backward")
-        pending = tp.start(steps[0], "backward") if isinstance(tp, Ring) and steps and steps[0] else None
-        grads: dict[int, Tensor] = {}
-        for i, t in enumerate(steps):
-            if isinstance(tp, Ring):
-                handle = pending
-                nxt = steps[i + 1] if i + 1 < len(steps) else None
-                pending = tp.start(nxt, "backward") if nxt else None
-                kv = tp.local() if t == 0 else tp.finish(handle)
-            else:
-                kv = tp.local() if t == 0 else tp.fetch(t)
-            inc = tp.incoming(t)
-            if kv is None or inc is None:
-                continue
-            kb, vb = kv[0].to(acc), kv[1].to(acc)
-            gk = torch.zeros_like(kb)
-            gv = torch.zeros_like(vb)
-            for p in inc.pairs:
-                n = p.k1 - p.k0
-                sl = slice(p.q_loc, p.q_loc + p.lq)
-                qs = _rows(qc, p.q_loc, p.lq).detach().requires_grad_(True)
-                ks = _rows(kb, p.buf0, n).detach().requires_grad_(True)
-                vs = _rows(vb, p.buf0, n).detach().requires_grad_(True)
-                with torch.enable_grad():
-                    o, part_lse = run.call(p, qs, ks, vs)
-                with torch.no_grad():
-                    live = torch.isfinite(part_lse)
-                    w = torch.where(live, torch.exp(part_lse - torch.where(live, lse[:, :, sl], 0.0)), 0.0)
-                    do = dout[:, :, sl]
-                    g_o = w.unsqueeze(-1) * do
-                    g_l = torch.where(
-                        live, w * ((do * (o.detach() - out[:, :, sl])).sum(-1) + dlse[:, :, sl]), 0.0
-                    )
-                a, b, c = torch.autograd.grad((o, part_lse), (qs, ks, vs), (g_o, g_l), allow_unused=True)
-                if a is not None:
-                    dq[:, :, sl] += a
-                if b is not None:
-                    gk[:, :, p.buf0 : p.buf0 + n] += b
-                if c is not None:
-                    gv[:, :, p.buf0 : p.buf0 + n] += c
-            flat = torch.cat([gk.reshape(-1), gv.reshape(-1)])
+        tp, blocks = _blocks(run, k.detach(), v.detach(), "backward")
+        held: dict[int, Tensor] = {}  # allgather: every step's gradients, returned in one all-to-all
+        in_flight = None  # ring: the previous step's gradient messages
+
+        def owned(t: int, flat: Tensor | None) -> None:  # gradients of this rank's rows, step order
+            tr = tp.outgoing(t) if t else tp.incoming(0)
+            if flat is not None and tr is not None:
+                _add_runs(dk, dv, flat, tr.runs, B, Hkv, D, Dv)
+
+        for t, kv, inc in blocks:
+            flat = None
+            if kv is not None and inc is not None:
+                kb, vb = kv[0].to(acc), kv[1].to(acc)
+                gk, gv = torch.zeros_like(kb), torch.zeros_like(vb)
+                for p in inc.pairs:
+                    _pair_grads(run, p, qc, kb, vb, out, lse, dout, dlse, dq, gk, gv)
+                flat = torch.cat([gk.reshape(-1), gv.reshape(-1)])
             if t == 0:
-                _add_runs(dk, dv, flat, inc.runs, B, Hkv, D, Dv)
-            else:
-                grads[t] = flat
-        back = tp.return_grads(grads)
-        for t in sorted(back):  # this rank's rows, from ranks r + 1, r + 2, ...: a fixed order
-            out_t = tp.outgoing(t)
-            assert out_t is not None
-            _add_runs(dk, dv, back[t], out_t.runs, B, Hkv, D, Dv)
+                owned(0, flat)
+            elif isinstance(tp, Ring):  # send this step's gradients now; add the previous step's
+                current = tp.exchange_grad(t, flat)
+                if in_flight is not None:
+                    owned(*tp.finish_grad(in_flight))
+                in_flight = current
+            elif flat is not None:
+                held[t] = flat
+        if in_flight is not None:
+            owned(*tp.finish_grad(in_flight))
+        if isinstance(tp, Gather):
+            back = tp.return_grads(held)
+            for t in sorted(back):  # from ranks r + 1, r + 2, ...: the ring's order
+                owned(t, back[t])
         return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _pair_grads(run, p: Pair, qc, kb, vb, out, lse, dout, dlse, dq, gk, gv) -> None:
+    """Recompute pair p with autograd and add its exact share of dq (rows) and of dk, dv (buffer rows)."""
+    n = p.k1 - p.k0
+    sl = slice(p.q_loc, p.q_loc + p.lq)
+    qs = _rows(qc, p.q_loc, p.lq).detach().requires_grad_(True)
+    ks = _rows(kb, p.buf0, n).detach().requires_grad_(True)
+    vs = _rows(vb, p.buf0, n).detach().requires_grad_(True)
+    with torch.enable_grad():
+        o, part_lse = run.call(p, qs, ks, vs)
+    with torch.no_grad():
+        live = torch.isfinite(part_lse)
+        w = torch.where(live, torch.exp(part_lse - torch.where(live, lse[:, :, sl], 0.0)), 0.0)
+        do = dout[:, :, sl]
+        g_o = w.unsqueeze(-1) * do
+        g_l = torch.where(live, w * ((do * (o.detach() - out[:, :, sl])).sum(-1) + dlse[:, :, sl]), 0.0)
+    a, b, c = torch.autograd.grad((o, part_lse), (qs, ks, vs), (g_o, g_l), allow_unused=True)
+    if a is not None:
+        dq[:, :, sl] += a
+    if b is not None:
+        gk[:, :, p.buf0 : p.buf0 + n] += b
+    if c is not None:
+        gv[:, :, p.buf0 : p.buf0 + n] += c
 
 
 def _alltoall(

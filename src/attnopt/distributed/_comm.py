@@ -140,37 +140,28 @@ class Ring(Transport):
             return None
         return unpack(buf, self.B, self.H, inc.rows, self.D, self.Dv)
 
-    def return_grads(self, grads: dict[int, Tensor], phase: str = "backward") -> dict[int, Tensor]:
-        """Send grads[t] (flat float32 rows of rank r - t) back to their owner; receive the gradients of
-        this rank's rows from every rank r + t. Returns {t: flat gradient from rank r + t}."""
-        works, got = [], {}
-        for t in range(1, self.P):
-            out = self.outgoing(t)
-            if out is not None:
-                got[t] = torch.empty(
-                    self.kv_numel(out.rows),
-                    dtype=torch.float32 if self.k.dtype != torch.float64 else torch.float64,
-                    device=self.k.device,
-                )
-                works.append(
-                    dist.irecv(
-                        got[t],
-                        global_rank(self.group, self.dst(t)),
-                        group=self.group,
-                        tag=self.tag + self.P + t,
-                    )
-                )
-            if t in grads:
-                g = grads[t]
-                works.append(
-                    dist.isend(
-                        g, global_rank(self.group, self.src(t)), group=self.group, tag=self.tag + self.P + t
-                    )
-                )
-                self.traffic.add(f"sent_bytes_{phase}", g.numel() * g.element_size())
+    def exchange_grad(self, t: int, grad: Tensor | None, phase: str = "backward"):
+        """Post step t's gradient messages: `grad` (flat float32 rows of rank r - t) back to its owner,
+        and a receive for the gradient rank r + t computed for this rank's rows. finish_grad() waits."""
+        works, got = [], None
+        out = self.outgoing(t)
+        if out is not None:
+            acc = torch.float64 if self.k.dtype == torch.float64 else torch.float32
+            got = torch.empty(self.kv_numel(out.rows), dtype=acc, device=self.k.device)
+            peer = global_rank(self.group, self.dst(t))
+            works.append(dist.irecv(got, peer, group=self.group, tag=self.tag + self.P + t))
+        if grad is not None:
+            peer = global_rank(self.group, self.src(t))
+            works.append(dist.isend(grad, peer, group=self.group, tag=self.tag + self.P + t))
+            self.traffic.add(f"sent_bytes_{phase}", grad.numel() * grad.element_size())
+        return t, works, got, grad
+
+    @staticmethod
+    def finish_grad(handle) -> tuple[int, Tensor | None]:
+        t, works, got, _ = handle  # the sent gradient stays referenced until its send completed
         for w in works:
             w.wait()
-        return got
+        return t, got
 
 
 class Gather(Transport):
