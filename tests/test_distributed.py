@@ -74,6 +74,11 @@ def _run(fn_args, kwargs, do, dl):
 def _rel(got, want) -> float:
     if want is None:
         return 0.0 if got is None else float(got.abs().max())
+    got = got.detach()
+    if got.shape != want.shape:
+        return float("inf")
+    if want.numel() == 0:
+        return 0.0
     ok = torch.isfinite(want)
     if not bool((got[~ok] == want[~ok]).all()):
         return float("inf")
@@ -192,6 +197,7 @@ def _errors(rank: int, P: int) -> dict[str, str]:
         "documents end": lambda: cp.attention(*sh, mask=ao.document([0, 5, N - 1])),
         "mode": lambda: cp.attention(*sh, mode="tree"),
         "k length": lambda: cp.attention(sh[0], sh[1][:, :, :-1], sh[2][:, :, :-1]),
+        "rank-dependent grad": lambda: cp.attention(sh[0].requires_grad_(rank == 0), *sh[1:]),
     }
     got = {}
     for name, call in cases.items():
@@ -200,9 +206,19 @@ def _errors(rank: int, P: int) -> dict[str, str]:
             got[name] = "no error"
         except Exception as e:  # the test reports the type and message
             got[name] = f"{type(e).__name__}: {e}"
+    sh[0].requires_grad_(False)
     out = cp.attention(*sh, mask=ao.causal())  # the group still works after all that
     want = cp.shard(ao.attention(q, k, v, mask=ao.causal()), layout="contiguous")
     got["after"] = "ok" if _rel(out, want) <= TOL else f"wrong: {_rel(out, want)}"
+    # A rank may hold no positions at all; an empty batch is empty everywhere
+    for name, lay in (("empty shard", cp.Layout.contiguous([0, N] if P == 2 else [N])),):
+        parts = [cp.shard(t, layout=lay).requires_grad_(True) for t in (q, k, v)]
+        o = cp.attention(*parts, mask=ao.causal(), layout=lay, mode="allgather")
+        o.sum().backward()
+        ok = _rel(o, cp.shard(ao.attention(q, k, v, mask=ao.causal()), layout=lay)) <= TOL
+        got[name] = "ok" if ok and all(t.grad is not None for t in parts) else "wrong"
+    empty = cp.attention(*[t[:0] for t in sh], mask=ao.causal(), return_lse=True)
+    got["empty batch"] = "ok" if empty[0].shape[0] == 0 and empty[1].shape[0] == 0 else "wrong"
     return got
 
 
@@ -217,6 +233,7 @@ def test_bad_input_raises_on_every_rank():
         "documents end": ("ValueError", "cu_seqlens ends at"),
         "mode": ("ValueError", "mode='tree'"),
         "k length": ("ValueError", "q holds 16 positions but k/v hold 15"),
+        "rank-dependent grad": ("ValueError", "disagree on requires_grad"),
     }
     for name, (kind, text) in expect.items():
         for r in (r0, r1):
@@ -225,7 +242,8 @@ def test_bad_input_raises_on_every_rank():
     assert (
         r0["bad shape on rank 1"].startswith("RankError") and "rank 1 rejected" in r0["bad shape on rank 1"]
     )
-    assert r0["after"] == r1["after"] == "ok"
+    for key in ("after", "empty shard", "empty batch"):
+        assert r0[key] == r1[key] == "ok", key
 
 
 def test_not_initialized_is_a_clear_error():

@@ -62,14 +62,64 @@ class Plan:
         """Ranks whose keys `rank` needs (itself included)."""
         return sorted({s for (d, s) in self.transfers if d == rank})
 
+    def describe(self, rank: int) -> str:
+        """What `rank` computes and receives: one line per source rank."""
+        lines = [
+            f"rank {rank} of {self.layout.world_size} ({self.layout.name} layout, {self.layout.total} positions)"
+        ]
+        for s in range(self.layout.world_size):
+            tr = self.get(rank, s)
+            if tr is None:
+                continue
+            full = sum(p.full for p in tr.pairs)
+            what = "its own rows" if s == rank else f"{tr.rows} key rows received from rank {s}"
+            lines.append(f"  {what}: {len(tr.pairs)} pairs ({full} unmasked, {len(tr.pairs) - full} masked)")
+        skipped = [s for s in range(self.layout.world_size) if self.get(rank, s) is None]
+        if skipped:
+            lines.append(f"  ranks {skipped}: nothing (the mask keeps none of their keys for these queries)")
+        return "\n".join(lines)
+
     def steps(self) -> list[int]:
         """Ring steps t (rank r receives from r - t) on which some rank receives something."""
         P = self.layout.world_size
         return sorted({(d - s) % P for (d, s) in self.transfers})
 
 
+# Descriptors whose repr says everything about them (no function, no tensor that repr abbreviates):
+# their plans are cached, so a model's layers do not each rebuild the same plan.
+_VALUE_MASKS = (
+    M.causal,
+    M.sliding_window,
+    M.prefix_lm,
+    M.document,
+    M.document_causal,
+    M.padding,
+    M.left_padding,
+)
+_CACHE: dict[tuple, Plan] = {}
+_CACHE_MAX = 64
+
+
+def _cache_key(layout: Layout, mask: M.Mask | None, ctx: M.MaskContext) -> tuple | None:
+    if mask is not None and not all(isinstance(m, _VALUE_MASKS) for m in mask.leaves()):
+        return None
+    return (layout.segments, repr(mask), ctx.B, ctx.Hq, ctx.Sq, ctx.Sk)
+
+
 def make_plan(layout: Layout, mask: M.Mask | None, ctx: M.MaskContext) -> Plan:
     """The plan of a global problem ctx (Sq = Sk = layout.total) under `mask` (global positions)."""
+    key = _cache_key(layout, mask, ctx)
+    if key is not None and key in _CACHE:
+        return _CACHE[key]
+    plan = _make_plan(layout, mask, ctx)
+    if key is not None:
+        if len(_CACHE) >= _CACHE_MAX:
+            _CACHE.clear()
+        _CACHE[key] = plan
+    return plan
+
+
+def _make_plan(layout: Layout, mask: M.Mask | None, ctx: M.MaskContext) -> Plan:
     plan = Plan(layout)
     P = layout.world_size
     for d in range(P):
