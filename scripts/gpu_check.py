@@ -7,7 +7,9 @@ CI has no GPU; this script is what a session with a lent GPU runs. It checks, on
    states equal to sdpa / eager on padded batches, greedy generation token-identical, packed sequences;
 3. issue #8's reliability classes: odd strides, masked-out NaN/inf, bf16 bias precision, empty inputs,
    torch.compile(fullgraph=True) of MultiHeadAttention;
-4. a few timings against torch SDPA (for the record; benchmarks are not tests).
+4. attnopt.maps views and context parallelism (attnopt.distributed, one NCCL rank: the device paths of
+   the agreement, the plan's pairs and the alltoall reshuffle; several ranks need several GPUs);
+5. a few timings against torch SDPA (for the record; benchmarks are not tests).
 Writes a JSON summary to OUT_DIR/gpu_check.json and exits 1 if any check failed.
 """
 
@@ -369,6 +371,48 @@ def maps_checks() -> None:
     check("maps rollout fp64", rollout)
 
 
+def cp_checks() -> None:
+    """attnopt.distributed on the device with one rank (NCCL; gloo in a CPU dry run): every mode, fwd+bwd,
+    against the float64 oracle on the CPU."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    import attnopt.distributed as cp
+
+    store = os.path.join(tempfile.mkdtemp(), "store")  # the file store creates and removes it
+    dist.init_process_group(
+        "nccl" if DEV == "cuda" else "gloo", init_method=f"file://{store}", rank=0, world_size=1
+    )
+
+    def one(mode: str, dtype: torch.dtype, tol: float):
+        g = torch.Generator().manual_seed(0)
+        N = 1000
+        q, k, v = (torch.randn(1, h, N, 64, generator=g, dtype=torch.float64) for h in (8, 2, 2))
+        mask = ao.document([0, 300, 301, N]) & ao.causal()
+        leaves = [t.to(DEV, dtype).requires_grad_(True) for t in (q, k, v)]
+        out = cp.attention(*leaves, mask=mask, mode=mode, layout="zigzag")
+        out.float().sum().backward()
+        ref = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        want = ao.attention(*ref, mask=mask)
+        want.sum().backward()
+        errs = {
+            n: ((a.detach().double().cpu() - b).abs().max() / b.abs().max()).item()
+            for n, a, b in zip(
+                ("out", "dq", "dk", "dv"), [out, *(t.grad for t in leaves)], [want, *(t.grad for t in ref)]
+            )
+        }
+        assert max(errs.values()) <= tol, errs
+        return errs
+
+    try:
+        for mode in cp.MODES:
+            check(f"distributed {mode} fp32", lambda mode=mode: one(mode, torch.float32, 2e-6))
+            check(f"distributed {mode} bf16", lambda mode=mode: one(mode, torch.bfloat16, 2e-2))
+    finally:
+        dist.destroy_process_group()
+
+
 def main() -> int:
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
     env = {
@@ -384,6 +428,7 @@ def main() -> int:
     attention_checks()
     reliability_checks()
     maps_checks()
+    cp_checks()
     try:
         import transformers
 
