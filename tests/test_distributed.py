@@ -181,6 +181,7 @@ def _errors(rank: int, P: int) -> dict[str, str]:
     N, Hq, Hkv = 32, 4, 2
     (q, k, v), _, _, _ = _data(1, Hq, Hkv, N, 8)
     sh = [cp.shard(t, layout="contiguous") for t in (q, k, v)]
+    only0 = dist.new_group([0])
     cases = {
         "rank-dependent mask": lambda: cp.attention(
             *sh, mask=ao.causal() if rank == 0 else ao.sliding_window(3)
@@ -197,7 +198,16 @@ def _errors(rank: int, P: int) -> dict[str, str]:
         "documents end": lambda: cp.attention(*sh, mask=ao.document([0, 5, N - 1])),
         "mode": lambda: cp.attention(*sh, mode="tree"),
         "k length": lambda: cp.attention(sh[0], sh[1][:, :, :-1], sh[2][:, :, :-1]),
-        "rank-dependent grad": lambda: cp.attention(sh[0].requires_grad_(rank == 0), *sh[1:]),
+        "rank-dependent grad": lambda: cp.attention(sh[0].clone().requires_grad_(rank == 0), *sh[1:]),
+        "rank-dependent dense values": lambda: cp.attention(
+            *sh, mask=torch.ones(N, N, dtype=torch.bool).tril(rank - 1)
+        ),
+        # found only once the layout and the global problem are known: still raised everywhere
+        "mask tensor on another device on rank 1": lambda: cp.attention(
+            *sh, score_mod=am.alibi(am.alibi_slopes(Hq).to("meta" if rank else "cpu"))
+        ),
+        "traffic": lambda: cp.attention(*sh, traffic=[] if rank else None),
+        "not a member": lambda: cp.attention(*sh, group=only0),
     }
     got = {}
     for name, call in cases.items():
@@ -206,17 +216,20 @@ def _errors(rank: int, P: int) -> dict[str, str]:
             got[name] = "no error"
         except Exception as e:  # the test reports the type and message
             got[name] = f"{type(e).__name__}: {e}"
-    sh[0].requires_grad_(False)
     out = cp.attention(*sh, mask=ao.causal())  # the group still works after all that
     want = cp.shard(ao.attention(q, k, v, mask=ao.causal()), layout="contiguous")
     got["after"] = "ok" if _rel(out, want) <= TOL else f"wrong: {_rel(out, want)}"
-    # A rank may hold no positions at all; an empty batch is empty everywhere
-    for name, lay in (("empty shard", cp.Layout.contiguous([0, N] if P == 2 else [N])),):
-        parts = [cp.shard(t, layout=lay).requires_grad_(True) for t in (q, k, v)]
-        o = cp.attention(*parts, mask=ao.causal(), layout=lay, mode="allgather")
-        o.sum().backward()
-        ok = _rel(o, cp.shard(ao.attention(q, k, v, mask=ao.causal()), layout=lay)) <= TOL
-        got[name] = "ok" if ok and all(t.grad is not None for t in parts) else "wrong"
+    # A rank may hold no positions at all (either one, every mode); an empty batch is empty everywhere
+    for lengths in ([0, N], [N, 0]):
+        lay = cp.Layout.contiguous(lengths)
+        for mode in MODES:
+            parts = [cp.shard(t, layout=lay).requires_grad_(True) for t in (q, k, v)]
+            o, lse = cp.attention(*parts, mask=ao.causal(), layout=lay, mode=mode, return_lse=True)
+            (o.sum() + lse.sum()).backward()
+            want = ao.attention(q, k, v, mask=ao.causal(), return_lse=True)
+            ok = all(_rel(a, cp.shard(b, layout=lay)) <= TOL for a, b in zip((o, lse), want))
+            shapes = [tuple(t.grad.shape) == tuple(t.shape) for t in parts]
+            got[f"empty shard {lengths} {mode}"] = "ok" if ok and all(shapes) else "wrong"
     empty = cp.attention(*[t[:0] for t in sh], mask=ao.causal(), return_lse=True)
     got["empty batch"] = "ok" if empty[0].shape[0] == 0 and empty[1].shape[0] == 0 else "wrong"
     return got
@@ -225,7 +238,8 @@ def _errors(rank: int, P: int) -> dict[str, str]:
 def test_bad_input_raises_on_every_rank():
     r0, r1 = run_ranks(_errors, 2)
     expect = {
-        "rank-dependent mask": ("ValueError", "disagree on mask"),
+        "rank-dependent mask": ("ValueError", "rank 1: mask=sliding_window(left=3, right=0)"),
+        "rank-dependent dense values": ("ValueError", "disagree on arguments"),
         "rank-dependent dtype": ("ValueError", "disagree on dtype"),
         "alltoall heads": ("NotImplementedError", "Hkv % P == 0"),
         "dropout": ("NotImplementedError", "dropout_p=0.1"),
@@ -242,8 +256,17 @@ def test_bad_input_raises_on_every_rank():
     assert (
         r0["bad shape on rank 1"].startswith("RankError") and "rank 1 rejected" in r0["bad shape on rank 1"]
     )
-    for key in ("after", "empty shard", "empty batch"):
+    for key in [k for k in r0 if k == "after" or k.startswith("empty")]:
         assert r0[key] == r1[key] == "ok", key
+    assert (
+        r1["mask tensor on another device on rank 1"].startswith("ValueError")
+        and "meta" in r1["mask tensor on another device on rank 1"]
+    )
+    assert r0["mask tensor on another device on rank 1"].startswith("RankError")
+    assert r1["traffic"].startswith("TypeError") and "traffic must be a dict" in r1["traffic"]
+    assert r0["traffic"].startswith("RankError")
+    assert r0["not a member"] == "no error"  # rank 0 alone is a group of one
+    assert r1["not a member"].startswith("ValueError") and "not a member of group" in r1["not a member"]
 
 
 def test_not_initialized_is_a_clear_error():
@@ -341,13 +364,13 @@ def test_window_traffic_plan_at_128k():
 
 def _traffic(rank: int, P: int) -> dict[str, int]:
     """Bytes the transports count in a real run vs what the plan says they should send."""
-    N, Hq, Hkv, D, W = 256 * P, 4, 2, 16, 64
+    N, Hq, Hkv, D, W = 256 * P, 4, 4, 16, 64
     (q, k, v), do, _, _ = _data(1, Hq, Hkv, N, D)
     lay = cp.Layout.make("contiguous", N, P)
     sh = [cp.shard(t, layout=lay).to(torch.bfloat16).requires_grad_(True) for t in (q, k, v)]
     result = {}
     for name, mask in (("window", ao.sliding_window(W)), ("full", None)):
-        for mode in ("ring", "allgather"):
+        for mode in MODES:
             counted: dict = {}
             out = cp.attention(*sh, mask=mask, mode=mode, layout=lay, traffic=counted)
             out.float().backward(cp.shard(do, layout=lay))
@@ -367,7 +390,7 @@ def _traffic(rank: int, P: int) -> dict[str, int]:
 
 
 def test_counted_traffic_matches_the_plan():
-    P, Hkv, D, W, L = 4, 2, 16, 64, 256
+    P, Hq, Hkv, D, W, L = 4, 4, 4, 16, 64, 256
     for r, got in enumerate(run_ranks(_traffic, P)):
         row = Hkv * 2 * D  # K and V entries per key row (B = 1)
         assert got["window/plan_rows"] == (W if r < P - 1 else 0)
@@ -381,6 +404,10 @@ def test_counted_traffic_matches_the_plan():
             assert got["full/ring/forward"] >= 8 * got["window/ring/forward"]
         assert got["window/allgather/forward"] == got["full/allgather/forward"] == (P - 1) * L * row * 2
         assert got["unshard values"] == got["unshard grad"] == 1
+        # alltoall: q, k, v out to the other ranks' heads, out back; the same amounts again in backward
+        a2a = (P - 1) * L * (Hq // P * D + 2 * (Hkv // P) * D + Hq // P * D) * 2
+        for name in ("window", "full"):
+            assert got[f"{name}/alltoall/forward"] == got[f"{name}/alltoall/backward"] == a2a, got
 
 
 def test_torchrun_example_from_the_readme():

@@ -833,6 +833,17 @@ class dense(Mask):
     def keep(self, b, h, i, j, ctx):
         return gather_tile(self.mask, ctx, b, h, i, j)
 
+    def classify(self, q0, q1, k0, k1, ctx):
+        """From the tensor as given: broadcast dims repeat values, which changes neither all() nor any()."""
+        t = as_4d(self.mask)
+        t = t[:, :, q0:q1] if t.shape[2] != 1 else t
+        t = t[:, :, :, k0:k1] if t.shape[3] != 1 else t
+        if t.numel() == 0 or q1 <= q0 or k1 <= k0:
+            return super().classify(q0, q1, k0, k1, ctx)
+        if bool(t.all()):
+            return Tile.FULL
+        return Tile.PARTIAL if bool(t.any()) else Tile.EMPTY
+
     def check(self, ctx):
         return broadcast_problems("dense mask", self.mask, ctx)
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .. import api
 from .. import masks as M
@@ -94,71 +95,55 @@ def attention(
             f"(e.g. launch with torchrun) first, or use attnopt.attention in a single process"
         )
     rank, P = dist.get_rank(group), dist.get_world_size(group)
+    if rank < 0:  # not a member: no collective can include this process, so say so right here
+        raise ValueError(
+            f"{_WHAT}: this process (global rank {dist.get_rank()}) is not a member of group={group!r}; "
+            f"only the group's members may call it with that group"
+        )
+    device = q.device if isinstance(q, Tensor) else torch.device("cpu")
+    # Agreement 1: each rank's own checks and a description of its arguments, before any other traffic.
     error: BaseException | None = None
-    meta = [0] * 12
-    local = None
+    meta, desc = [0] * len(_META), ""
     try:
         local = _check_local(
-            q, k, v, similarity, scale, sinks, dropout_p, return_lse, mode, layout, score_mod
+            q, k, v, similarity, scale, sinks, dropout_p, return_lse, mode, layout, score_mod, traffic
         )
-        B, Hq, L, D = q.shape
-        fp = fingerprint(
-            f"{_describe(mask)}|{_describe(score_mod)}|{similarity}|{local.scale!r}|{sinks is not None}|{return_lse}|"
-            f"{layout if isinstance(layout, str) else layout.segments}"
+        desc = (
+            f"mask={_describe(mask)} score_mod={_describe(score_mod)} similarity={similarity} "
+            f"scale={local.scale!r} sinks={_describe(sinks)} return_lse={return_lse} layout={_describe(layout)}"
         )
         grad = torch.is_grad_enabled() and any(
             isinstance(t, Tensor) and t.requires_grad for t in (q, k, v, sinks)
         )
-        meta = [
-            B,
-            Hq,
-            k.shape[1],
-            L,
-            D,
-            v.shape[3],
-            _DTYPES.index(q.dtype),
-            MODES.index(mode),
-            fp,
-            int(grad),
-            int(q.device.type == "cuda"),
-            0,
-        ]
+        B, Hq, L, D = q.shape
+        fields = (B, Hq, k.shape[1], L, D, v.shape[3], _DTYPES.index(q.dtype), MODES.index(mode))
+        meta = [*fields, fingerprint(desc), int(grad), int(q.device.type == "cuda")]
     except (TypeError, ValueError, NotImplementedError) as e:
         error = e
-    table = agree(group, q.device if isinstance(q, Tensor) else torch.device("cpu"), meta, error, _WHAT)
-    names = [
-        "B",
-        "Hq",
-        "Hkv",
-        None,
-        "D",
-        "Dv",
-        "dtype",
-        "mode",
-        "mask/score_mod/similarity/scale/sinks/layout",
-        "requires_grad",
-        "device",
-    ]
-    for i, name in enumerate(names):
-        values = [row[i] for row in table]
-        if name is not None and len(set(values)) > 1:
-            raise ValueError(
-                f"{_WHAT}: the ranks disagree on {name} (per rank: {values}); every rank must pass shards "
-                f"of one problem with the same arguments"
+    table = agree(group, device, meta, error, _WHAT)
+    _check_same(group, table, desc)
+    lengths = [row[_META.index("L")] for row in table]
+    # Agreement 2: what needs the global picture (layout, global validation, the plan) can fail on one
+    # rank only (a mask tensor on another device); every rank learns it, and that their plans match.
+    error, row, lay, g, plan = None, [-1] * (2 * P), None, None, None
+    try:
+        lay = _layout(layout, lengths, P)
+        g = _global_inputs(q, k, v, lay.total, mask, score_mod, similarity, scale, sinks, return_lse)
+        if mode == "alltoall" and not g.empty and k.shape[1] % P:
+            raise NotImplementedError(
+                f"{_WHAT}: mode='alltoall' splits heads over the ranks and needs Hkv % P == 0, got "
+                f"Hkv={k.shape[1]}, P={P} (Hq={q.shape[1]}); use mode='ring' or 'allgather'"
             )
-    lengths = [row[3] for row in table]
-    lay = _layout(layout, lengths, P)
-    N = lay.total
-    assert local is not None
-    g = _global_inputs(q, k, v, N, mask, score_mod, similarity, scale, sinks, return_lse)
+        if mode != "alltoall" and not g.empty:
+            plan = make_plan(lay, g.mask, g.ctx, rank=rank)
+            row = [plan.crc(rank, s) for s in range(P)] + [plan.crc(d, rank) for d in range(P)]
+    except (TypeError, ValueError, NotImplementedError) as e:
+        error = e
+    _check_transfers(agree(group, device, row, error, _WHAT))
+    assert lay is not None and g is not None
     acc = acc_dtype(q.dtype)
     if g.empty:
-        out = (
-            q.new_zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
-            + 0 * q.sum()
-            + 0 * k.sum()
-            + 0 * v.sum()
-        )
+        out = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[3]) + 0 * (q.sum() + k.sum() + v.sum())
         lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
         if sinks is not None:
             lse = sinks.to(acc).view(1, -1, 1).expand_as(lse)
@@ -167,13 +152,49 @@ def attention(
     if mode == "alltoall":
         out, lse = _alltoall(q, k, v, g, lay, rank, group, tr)
     else:
-        plan = make_plan(lay, g.mask, g.ctx)
-        runner = _Runner(plan, rank, group, g, mode, tr)
-        out, lse = _PairsFn.apply(runner, q, k, v)
+        assert plan is not None
+        out, lse = _PairsFn.apply(_Runner(plan, rank, group, g, mode, tr), q, k, v)
         if sinks is not None:
             out, lse = add_sinks(out, lse, sinks)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
+
+
+# What agreement 1 exchanges (None: may differ between ranks).
+_META = ("B", "Hq", "Hkv", "L", "D", "Dv", "dtype", "mode", "arguments", "requires_grad", "device")
+
+
+def _check_same(group, table: list[list[int]], desc: str) -> None:
+    """Raise on every rank if the ranks disagree on anything but their shard length."""
+    for i, name in enumerate(_META):
+        values = [row[i] for row in table]
+        if name == "L" or len(set(values)) == 1:
+            continue
+        if name == "arguments":  # say what differs, not two checksums (rare path: one more exchange)
+            descs: list = [None] * len(table)
+            dist.all_gather_object(descs, desc, group=group)
+            values = [f"rank {r}: {d}" for r, d in enumerate(descs)]
+        elif name == "dtype":
+            values = [str(_DTYPES[x]) for x in values]
+        elif name == "mode":
+            values = [MODES[x] for x in values]
+        raise ValueError(
+            f"{_WHAT}: the ranks disagree on {name} (per rank: {values}); every rank must pass shards of one "
+            f"problem with the same arguments"
+        )
+
+
+def _check_transfers(table: list[list[int]]) -> None:
+    """Every (receiver, sender) transfer must look the same from both ends (else a rank would wait)."""
+    P = len(table)
+    for d in range(P):
+        for s in range(P):
+            if table[d][s] != table[s][P + d]:
+                raise ValueError(
+                    f"{_WHAT}: rank {d} and rank {s} computed different plans for the keys rank {s} sends rank "
+                    f"{d}: their masks differ (e.g. a dense mask or bias with other values on one rank); every "
+                    f"rank must pass the same mask"
+                )
 
 
 def _describe(x: object) -> str:
@@ -181,16 +202,40 @@ def _describe(x: object) -> str:
     if isinstance(x, (list, tuple)):
         return "[" + ", ".join(_describe(y) for y in x) + "]"
     if isinstance(x, Tensor):
-        return f"tensor{tuple(x.shape)}"
+        return f"tensor{tuple(x.shape)}:{_checksum(x)}"
+    if isinstance(x, M.dense):
+        return f"dense{tuple(x.mask.shape)}:{_checksum(x.mask)}"
+    if isinstance(x, Mods.bias):
+        return f"bias{tuple(x.bias.shape)}:{_checksum(x.bias)}"
+    if isinstance(x, (M.And, M.Or)):
+        return f"({_describe(x.a)} {'&' if isinstance(x, M.And) else '|'} {_describe(x.b)})"
+    if isinstance(x, Layout):
+        return f"Layout{x.segments}"
     if x is None or isinstance(x, (M.Mask, Mods.ScoreMod, str, int, float)):
-        return repr(x)
+        try:
+            return repr(x)
+        except Exception:  # e.g. lengths on meta: validation says what is wrong with them
+            return f"{type(x).__name__}(?)"
     return getattr(x, "__qualname__", type(x).__name__)
 
 
+def _checksum(t: Tensor) -> str:
+    """A value summary that differs when the values differ in practice (sum and a position-weighted sum)."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return "-"
+    x = t.detach().reshape(-1).to(torch.float64)
+    w = torch.arange(1, x.numel() + 1, dtype=torch.float64, device=x.device)
+    return f"{float(x.sum())!r}/{float((x * w).sum())!r}"
+
+
 def _check_local(
-    q, k, v, similarity, scale, sinks, dropout_p, return_lse, mode, layout, score_mod
+    q, k, v, similarity, scale, sinks, dropout_p, return_lse, mode, layout, score_mod, traffic
 ) -> AttentionInputs:
     """This rank's own checks (shapes, dtypes, arguments), before any communication."""
+    if traffic is not None and not isinstance(traffic, dict):
+        raise TypeError(
+            f"{_WHAT}: traffic must be a dict (bytes are added to it) or None, got {type(traffic).__name__}"
+        )
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"{_WHAT}: mode={mode!r} is unknown; allowed: {MODES}")
     if not (isinstance(layout, Layout) or (isinstance(layout, str) and layout in LAYOUTS)):
@@ -369,6 +414,7 @@ class _PairsFn(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @once_differentiable  # the gradient itself is not differentiable (a second derivative raises)
     def backward(ctx, dout: Tensor | None, dlse: Tensor | None):
         run: _Runner = ctx.run
         q, k, v, out, lse = ctx.saved_tensors
@@ -485,15 +531,10 @@ class _Grads:
 def _alltoall(
     q, k, v, g: AttentionInputs, lay: Layout, rank: int, group, tr: Traffic
 ) -> tuple[Tensor, Tensor | None]:
+    """DeepSpeed-Ulysses: heads <-> sequence, one local attention over the whole sequence, and back."""
     P = lay.world_size
     B, Hq, L, _ = q.shape
-    Hkv = k.shape[1]
-    if Hkv % P:
-        raise NotImplementedError(
-            f"{_WHAT}: mode='alltoall' splits heads over the ranks and needs Hkv % P == 0, got Hkv={Hkv}, "
-            f"P={P} (Hq={Hq}); use mode='ring' or 'allgather'"
-        )
-    hq, hk = Hq // P, Hkv // P
+    hq, hk = Hq // P, k.shape[1] // P  # Hkv % P == 0 was agreed before
     lengths = [lay.local_length(r) for r in range(P)]
     order = lay.order(q.device)  # global position of each row in rank order
     inverse = torch.empty_like(order)
@@ -503,24 +544,21 @@ def _alltoall(
         """(B, h*P, L_r, d) shards -> (B, h, N, d) in global order for this rank's head chunk."""
         d = x.shape[-1]
         send = torch.cat([x[:, c * h : (c + 1) * h].reshape(-1) for c in range(P)])
-        sizes_out = [B * h * n * d for n in lengths]
-        recv = _comm.AllToAll.apply(send, sizes_out, [send.numel() // P] * P, group)
-        tr.add("sent_bytes_forward", send.numel() * send.element_size() * (P - 1) // P)
-        pieces = [c.view(B, h, n, d) for c, n in zip(recv.split(sizes_out), lengths)]
+        sizes_in = [send.numel() // P] * P
+        recv = _comm.AllToAll.apply(send, [B * h * n * d for n in lengths], sizes_in, group, tr, rank)
+        pieces = [c.view(B, h, n, d) for c, n in zip(recv.split([B * h * n * d for n in lengths]), lengths)]
         return torch.cat(pieces, dim=2).index_select(2, inverse)
 
     def to_sequence(y: Tensor) -> Tensor:
         """(B, hq, N, ...) for this rank's heads -> (B, Hq, L_r, ...) for this rank's rows."""
         tail = y.shape[3:]
-        per = 1
-        for s in tail:
-            per *= s
+        per = int(torch.Size(tail).numel())
         y = y.index_select(2, order)
         send = torch.cat([c.reshape(-1) for c in y.split(lengths, dim=2)])
         sizes_in = [B * hq * n * per for n in lengths]
-        recv = _comm.AllToAll.apply(send, [B * hq * L * per] * P, sizes_in, group)
-        tr.add("sent_bytes_forward", send.numel() * send.element_size() * (P - 1) // P)
-        return torch.cat([c.view(B, hq, L, *tail) for c in recv.split(B * hq * L * per)], dim=1)
+        recv = _comm.AllToAll.apply(send, [B * hq * L * per] * P, sizes_in, group, tr, rank)
+        # P chunks of (B, hq, L, ...) from head chunks 0..P-1 (a view: right for L = 0 too)
+        return recv.view(P, B, hq, L, *tail).transpose(0, 1).reshape(B, P * hq, L, *tail)
 
     qh, kh, vh = to_heads(q, hq), to_heads(k, hk), to_heads(v, hk)
     at = Piece(0, 0, rank * hq, g.ctx)

@@ -3,7 +3,7 @@
 Both transports hand the compute loop the same buffer for the same (destination, source) pair, the
 rows the plan names and nothing else, so ring and allgather run bitwise the same arithmetic. Gradients
 of those rows go back to their owner the same way they came (ring: point-to-point, allgather: one
-all-to-all), in float32, and the owner adds them up in a fixed order.
+all-to-all), in float32 (float64 for float64 inputs), and the owner adds them up in a fixed order.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def unpack(flat: Tensor, B: int, H: int, rows: int, D: int, Dv: int) -> tuple[Te
 
 
 def pack_runs(k: Tensor, v: Tensor, runs: Sequence[tuple[int, int]]) -> Tensor:
-    """Like pack(), but the k rows of every run first, then the v rows (keys stay in row order)."""
+    """The rows [a, b) of k (B, H, S, D) and v (B, H, S, Dv) for each run, as one flat buffer: the k rows
+    of every run first, then the v rows (keys stay in row order)."""
     kk = torch.cat([k[:, :, a:b] for a, b in runs], dim=2)
     vv = torch.cat([v[:, :, a:b] for a, b in runs], dim=2)
     return torch.cat([kk.reshape(-1), vv.reshape(-1)])
@@ -112,49 +113,53 @@ class Transport:
 
 class Ring(Transport):
     """Step t: rank r sends rank r + t the rows it needs and receives from rank r - t, point to point.
-    The next step's messages are posted before this step computes (communication overlaps compute)."""
+    The next step's messages are posted before this step computes (communication overlaps compute).
+    Each step's sends and receives go out as one batch (dist.batch_isend_irecv): on NCCL, separate
+    send/recv calls between two ranks that both send first can deadlock (P = 2: r + 1 == r - 1)."""
+
+    def _post(self, ops: list, tag: int) -> list:
+        """ops: (send?, tensor, group rank); returns the works (empty if nothing to do)."""
+        if not ops:
+            return []
+        p2p = [
+            dist.P2POp(dist.isend if send else dist.irecv, t, global_rank(self.group, peer), self.group, tag)
+            for send, t, peer in ops
+        ]
+        return dist.batch_isend_irecv(p2p)
 
     def start(self, t: int, phase: str):
-        works, buf = [], None
+        ops, buf, payload = [], None, None
         out, inc = self.outgoing(t), self.incoming(t)
-        if out is not None:
-            payload = pack_runs(self.k, self.v, out.runs)
-            works.append(
-                dist.isend(payload, global_rank(self.group, self.dst(t)), group=self.group, tag=self.tag + t)
-            )
-            self.traffic.add(f"sent_bytes_{phase}", payload.numel() * payload.element_size())
-            works.append(payload)  # keep alive until the send completes
         if inc is not None:
             buf = torch.empty(self.kv_numel(inc.rows), dtype=self.k.dtype, device=self.k.device)
-            works.append(
-                dist.irecv(buf, global_rank(self.group, self.src(t)), group=self.group, tag=self.tag + t)
-            )
-        return works, buf, inc
+            ops.append((False, buf, self.src(t)))
+        if out is not None:
+            payload = pack_runs(self.k, self.v, out.runs)
+            ops.append((True, payload, self.dst(t)))
+            self.traffic.add(f"sent_bytes_{phase}", payload.numel() * payload.element_size())
+        return self._post(ops, self.tag + t), buf, inc, payload  # payload: alive until the send completed
 
     def finish(self, handle) -> tuple[Tensor, Tensor] | None:
-        works, buf, inc = handle
+        works, buf, inc, _ = handle
         for w in works:
-            if not isinstance(w, Tensor):
-                w.wait()
+            w.wait()
         if buf is None:
             return None
         return unpack(buf, self.B, self.H, inc.rows, self.D, self.Dv)
 
-    def exchange_grad(self, t: int, grad: Tensor | None, phase: str = "backward"):
-        """Post step t's gradient messages: `grad` (flat float32 rows of rank r - t) back to its owner,
-        and a receive for the gradient rank r + t computed for this rank's rows. finish_grad() waits."""
-        works, got = [], None
+    def exchange_grad(self, t: int, grad: Tensor | None):
+        """Post step t's gradient messages: `grad` (flat rows of rank r - t, float32 / float64) back to
+        its owner, and a receive for the gradient rank r + t computed for this rank's rows."""
+        ops, got = [], None
         out = self.outgoing(t)
         if out is not None:
             acc = torch.float64 if self.k.dtype == torch.float64 else torch.float32
             got = torch.empty(self.kv_numel(out.rows), dtype=acc, device=self.k.device)
-            peer = global_rank(self.group, self.dst(t))
-            works.append(dist.irecv(got, peer, group=self.group, tag=self.tag + self.P + t))
+            ops.append((False, got, self.dst(t)))
         if grad is not None:
-            peer = global_rank(self.group, self.src(t))
-            works.append(dist.isend(grad, peer, group=self.group, tag=self.tag + self.P + t))
-            self.traffic.add(f"sent_bytes_{phase}", grad.numel() * grad.element_size())
-        return t, works, got, grad
+            ops.append((True, grad, self.src(t)))
+            self.traffic.add("sent_bytes_backward", grad.numel() * grad.element_size())
+        return t, self._post(ops, self.tag + self.P + t), got, grad
 
     @staticmethod
     def finish_grad(handle) -> tuple[int, Tensor | None]:
@@ -188,7 +193,7 @@ class Gather(Transport):
         k, v = self.shards[self.src(t)]
         return unpack(pack_runs(k, v, inc.runs), self.B, self.H, inc.rows, self.D, self.Dv)
 
-    def return_grads(self, grads: dict[int, Tensor], phase: str = "backward") -> dict[int, Tensor]:
+    def return_grads(self, grads: dict[int, Tensor]) -> dict[int, Tensor]:
         """One all-to-all: grads[t] goes to rank r - t; returns {t: gradient from rank r + t}."""
         acc = torch.float64 if self.k.dtype == torch.float64 else torch.float32
         send, send_sizes, recv_sizes = [], [], []
@@ -203,7 +208,7 @@ class Gather(Transport):
         flat_in = torch.cat(send)
         flat_out = torch.empty(sum(recv_sizes), dtype=acc, device=self.k.device)
         dist.all_to_all_single(flat_out, flat_in, recv_sizes, send_sizes, group=self.group)
-        self.traffic.add(f"sent_bytes_{phase}", flat_in.numel() * flat_in.element_size())
+        self.traffic.add("sent_bytes_backward", flat_in.numel() * flat_in.element_size())
         got, at = {}, 0
         for peer, n in enumerate(recv_sizes):
             if n:
@@ -213,13 +218,17 @@ class Gather(Transport):
 
 
 class AllToAll(torch.autograd.Function):
-    """dist.all_to_all_single with split sizes on a flat tensor; its gradient travels the other way."""
+    """dist.all_to_all_single with split sizes on a flat tensor; its gradient travels the other way.
+    Bytes sent to other ranks are counted in `traffic` (forward and backward)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, out_sizes: list[int], in_sizes: list[int], group) -> Tensor:
-        ctx.sizes, ctx.group = (out_sizes, in_sizes), group
+    def forward(
+        ctx, x: Tensor, out_sizes: list[int], in_sizes: list[int], group, traffic: Traffic, rank: int
+    ):
+        ctx.sizes, ctx.group, ctx.traffic, ctx.rank = (out_sizes, in_sizes), group, traffic, rank
         out = x.new_empty(sum(out_sizes))
         dist.all_to_all_single(out, x.contiguous(), out_sizes, in_sizes, group=group)
+        traffic.add("sent_bytes_forward", (sum(in_sizes) - in_sizes[rank]) * x.element_size())
         return out
 
     @staticmethod
@@ -227,7 +236,8 @@ class AllToAll(torch.autograd.Function):
         out_sizes, in_sizes = ctx.sizes
         back = grad.new_empty(sum(in_sizes))
         dist.all_to_all_single(back, grad.contiguous(), in_sizes, out_sizes, group=ctx.group)
-        return back, None, None, None
+        ctx.traffic.add("sent_bytes_backward", (sum(out_sizes) - out_sizes[ctx.rank]) * grad.element_size())
+        return back, None, None, None, None, None
 
 
 class AllGather(torch.autograd.Function):

@@ -34,6 +34,13 @@ class Layout:
     name: str = "custom"
 
     def __post_init__(self):
+        for r, segs in enumerate(self.segments):
+            for seg in segs:
+                ok = isinstance(seg, tuple) and len(seg) == 2 and all(type(x) is int for x in seg)
+                if not ok or seg[0] < 0 or seg[1] < 0:
+                    raise ValueError(
+                        f"layout segment {seg!r} of rank {r} must be a (start >= 0, length >= 0) pair of ints"
+                    )
         covered = sorted((a, n) for segs in self.segments for a, n in segs if n > 0)
         pos = 0
         for a, n in covered:

@@ -28,9 +28,6 @@ class Piece:
     h0: int
     g: M.MaskContext  # the global problem
 
-    def local(self, Sq: int, Sk: int, Hq: int) -> M.MaskContext:
-        return M.MaskContext(self.g.B, Hq, Sq, Sk, self.g.device)
-
 
 @dataclass(frozen=True, eq=False)
 class Shifted(M.Mask):
@@ -166,7 +163,3 @@ def local_mods(mods: tuple[Mods.ScoreMod, ...], at: Piece, Sq: int, Sk: int, Hq:
 
 def head_slice(t: Tensor | None, h0: int, n: int) -> Tensor | None:
     return None if t is None else t.narrow(0, h0, n)
-
-
-def mask_fingerprint(mask: M.Mask | None, mods: tuple[Mods.ScoreMod, ...]) -> str:
-    return f"{mask!r}|{list(mods)!r}"

@@ -9,6 +9,7 @@ global description, so no rank has to be told what to send or to expect.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 from .. import masks as M
@@ -62,6 +63,11 @@ class Plan:
         """Ranks whose keys `rank` needs (itself included)."""
         return sorted({s for (d, s) in self.transfers if d == rank})
 
+    def crc(self, dst: int, src: int) -> int:
+        """A checksum of the rows src sends dst (-1: none), for checking that both ends agree."""
+        tr = self.get(dst, src)
+        return -1 if tr is None else zlib.crc32(repr(tr.runs).encode())
+
     def describe(self, rank: int) -> str:
         """What `rank` computes and receives: one line per source rank."""
         lines = [
@@ -80,7 +86,8 @@ class Plan:
         return "\n".join(lines)
 
     def steps(self) -> list[int]:
-        """Ring steps t (rank r receives from r - t) on which some rank receives something."""
+        """Ring steps t (rank r receives from r - t) with a transfer in this plan (a plan made for one rank:
+        the steps on which it sends or receives)."""
         P = self.layout.world_size
         return sorted({(d - s) % P for (d, s) in self.transfers})
 
@@ -100,18 +107,21 @@ _CACHE: dict[tuple, Plan] = {}
 _CACHE_MAX = 64
 
 
-def _cache_key(layout: Layout, mask: M.Mask | None, ctx: M.MaskContext) -> tuple | None:
+def _cache_key(layout: Layout, mask: M.Mask | None, ctx: M.MaskContext, rank: int | None) -> tuple | None:
     if mask is not None and not all(isinstance(m, _VALUE_MASKS) for m in mask.leaves()):
         return None
-    return (layout.segments, repr(mask), ctx.B, ctx.Hq, ctx.Sq, ctx.Sk)
+    return (layout.segments, repr(mask), ctx.B, ctx.Hq, ctx.Sq, ctx.Sk, rank)
 
 
-def make_plan(layout: Layout, mask: M.Mask | None, ctx: M.MaskContext) -> Plan:
-    """The plan of a global problem ctx (Sq = Sk = layout.total) under `mask` (global positions)."""
-    key = _cache_key(layout, mask, ctx)
+def make_plan(layout: Layout, mask: M.Mask | None, ctx: M.MaskContext, rank: int | None = None) -> Plan:
+    """The plan of a global problem ctx (Sq = Sk = layout.total) under `mask` (global positions).
+
+    With `rank`, only the transfers that rank sends or receives (2P - 1 of the P² pairs): all it needs.
+    """
+    key = _cache_key(layout, mask, ctx, rank)
     if key is not None and key in _CACHE:
         return _CACHE[key]
-    plan = _make_plan(layout, mask, ctx)
+    plan = _make_plan(layout, mask, ctx, rank)
     if key is not None:
         if len(_CACHE) >= _CACHE_MAX:
             _CACHE.clear()
@@ -119,12 +129,14 @@ def make_plan(layout: Layout, mask: M.Mask | None, ctx: M.MaskContext) -> Plan:
     return plan
 
 
-def _make_plan(layout: Layout, mask: M.Mask | None, ctx: M.MaskContext) -> Plan:
+def _make_plan(layout: Layout, mask: M.Mask | None, ctx: M.MaskContext, rank: int | None) -> Plan:
     plan = Plan(layout)
     P = layout.world_size
     for d in range(P):
         q_runs = layout.local_runs(d)
         for s in range(P):
+            if rank is not None and rank not in (d, s):
+                continue
             runs: list[tuple[int, int]] = []
             pairs: list[Pair] = []
             for k_loc, ka, lk in layout.local_runs(s):
