@@ -166,6 +166,8 @@ def unshard(x: Tensor, *, dim: int = 2, layout: str | Layout = "zigzag", group=N
     if not isinstance(x, Tensor):
         raise TypeError(f"unshard: x must be a torch.Tensor, got {type(x).__name__}")
     dim = dim % x.ndim
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"unshard: this process is not a member of group={group!r}")
     p = dist.get_world_size(group)
     n_local = torch.tensor([x.shape[dim]], dtype=torch.long, device=x.device)
     sizes = [torch.zeros_like(n_local) for _ in range(p)]
