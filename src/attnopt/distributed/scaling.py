@@ -1,7 +1,7 @@
 """A first-order time model of context-parallel attention: ring vs allgather vs alltoall (issue #12).
 
 One attention layer, forward + backward, causal, zigzag layout, on P devices, following the schedules
-attnopt.distributed runs (as of commit 80b5201):
+attnopt.distributed runs (as of commit 6d46583):
 
 * ``ring``: step 0 computes the local pairs while step 1's key rows travel, and every later step costs
   max(compute, transfer). Backward fetches the rows again the same way and reruns each pair's forward
