@@ -350,6 +350,82 @@ def _empty_result(inputs: AttentionInputs) -> tuple[Tensor, Tensor]:
     return out, lse
 
 
+def attention_backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dout: Tensor,
+    dlse: Tensor | None = None,
+    *,
+    mask: MaskArg = None,
+    score_mod: ModArg = None,
+    similarity: str = "dot",
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of the keys k, v as one part of a larger attention (a ring-attention backward step).
+
+    The rows of q attend to these keys and possibly others; `out` (B, Hq, Sq, Dv) and `lse` (B, Hq, Sq)
+    are the rows' output and log-sum-exp over *all* their keys (e.g. merged from partial results with
+    attnopt.merge), `dout` and `dlse` (optional) the upstream gradients of out and lse. Returns
+    (dq, dk, dv): dq is this part's share of q's gradient (the parts' shares add up to it), dk and dv
+    are these keys' gradients; in q's / k's / v's dtype. Mask and modifiers are those of this part, as
+    for attention(). Runs a backend's backward from (out, lse) where one can (span: no forward rerun),
+    else reruns this part's forward through autograd; both exact.
+    """
+    inputs = _validate(q, k, v, mask, score_mod, similarity, scale, None, 0.0, True, "auto", None)
+    acc = acc_dtype(inputs.dtype)
+    B, Hq, Sq, Dv = inputs.B, inputs.Hq, inputs.Sq, inputs.Dv
+    for name, t, shape in (
+        ("out", out, (B, Hq, Sq, Dv)),
+        ("dout", dout, (B, Hq, Sq, Dv)),
+        ("lse", lse, (B, Hq, Sq)),
+        ("dlse", dlse, (B, Hq, Sq)),
+    ):
+        if t is None and name == "dlse":
+            continue
+        if not isinstance(t, Tensor) or tuple(t.shape) != shape or not t.dtype.is_floating_point:
+            raise ValueError(
+                f"attention_backward: {name} must be a floating tensor of shape {shape}, got "
+                f"{type(t).__name__} {tuple(getattr(t, 'shape', ()))}"
+            )
+    out, dout = out.detach().to(inputs.dtype), dout.detach().to(inputs.dtype)
+    lse, dlse = lse.detach().to(acc), None if dlse is None else dlse.detach().to(acc)
+    if inputs.empty:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for b in _dispatch.PRIORITY:
+        if b.grads_from_output and not b.grad_from_output_reasons(inputs):
+            run = inputs.kernel_layout()[0] if b.dense_rows else inputs
+            return b.grad_from_output(run, out, lse, dout, dlse)
+    return _grad_by_rerun(inputs, out, lse, dout, dlse)
+
+
+def _grad_by_rerun(
+    inputs: AttentionInputs, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The part's (o, l) rerun with autograd: d o = w·dO and d l = w·(dO·(o - out) + dlse), with the part's
+    weight w = exp(l - lse) in its rows (0 where it has no key)."""
+    leaves = [t.detach().requires_grad_(True) for t in (inputs.q, inputs.k, inputs.v)]
+    with torch.enable_grad():
+        o, part_lse = attention(
+            *leaves,
+            mask=inputs.mask,
+            score_mod=list(inputs.mods) or None,
+            similarity=inputs.similarity,
+            scale=inputs.scale,
+            return_lse=True,
+        )
+    with torch.no_grad():
+        live = torch.isfinite(part_lse)
+        w = torch.where(live, torch.exp(part_lse - torch.where(live, lse, 0.0)), 0.0)
+        g_o = (w.unsqueeze(-1) * dout.to(w.dtype)).to(o.dtype)
+        gap = (dout.to(w.dtype) * (o.detach().to(w.dtype) - out.to(w.dtype))).sum(-1)
+        g_l = torch.where(live, w * (gap + (0.0 if dlse is None else dlse)), 0.0)
+    grads = torch.autograd.grad((o, part_lse), leaves, (g_o, g_l), allow_unused=True)
+    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves))  # type: ignore[return-value]
+
+
 def available_backends() -> list[str]:
     """Names of the backends usable on this machine, in priority order."""
     return [b.name for b in _dispatch.PRIORITY if b.is_available()]

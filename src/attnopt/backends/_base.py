@@ -79,6 +79,21 @@ class Backend:
         """Return out (B, Hq, Sq, Dv) in the input dtype and, if inputs.return_lse, lse (B, Hq, Sq)."""
         raise NotImplementedError
 
+    # Backends that can compute the gradients of one part of a larger softmax straight from the rows'
+    # (out, lse) — FlashAttention's backward given O and LSE — declare it; attnopt.api.attention_backward
+    # runs them, and recomputes the part's forward through autograd where none can.
+    grads_from_output: ClassVar[bool] = False
+
+    def grad_from_output_reasons(self, inputs: AttentionInputs) -> list[str]:
+        """Why grad_from_output() cannot run these inputs (empty = it can)."""
+        return [] if self.grads_from_output else [f"{self.name} has no backward from a given (out, lse)"]
+
+    def grad_from_output(
+        self, inputs: AttentionInputs, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(dq share, dk, dv) of inputs' keys in a softmax whose rows have output `out`, LSE `lse`."""
+        raise NotImplementedError
+
 
 def unit_qk(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
     """Cosine similarity as a dot product: q and k scaled to unit length (in float32 at least)."""

@@ -230,40 +230,58 @@ class _SpanFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: Tensor | None, dlse: Tensor | None):
         q, k, v, out, lse, sinks = ctx.saved_tensors
-        plan: _Plan = ctx.plan
-        B, Hq, _, D = q.shape
-        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
-        lse_safe = torch.where(torch.isinf(lse), 0.0, lse)  # empty rows: every s is -inf, P = 0
-        acc = lse.dtype  # float32 accumulators (float64 for float64 inputs), cast at the end
-        if dlse is not None:  # d lse / d s = P: the kernel's Δ = rowsum(dO ∘ O) becomes Δ - dlse
-            q, k, v, out, dout = _with_lse_grad(q, k, v, out, dout, dlse.to(acc))
-        D0, D = D, q.shape[-1]
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
-        for q0, q1, row in plan.blocks:
-            if not row:
-                continue
-            fold = (B, plan.Hkv, plan.G * (q1 - q0))
-            qb = q[:, :, q0:q1].reshape(*fold, D)
-            ob = out[:, :, q0:q1].reshape(*fold, D)
-            dob = dout[:, :, q0:q1].reshape(*fold, D)
-            lb = lse_safe[:, :, q0:q1].reshape(fold)
-            dqb = torch.zeros(*fold, D, dtype=dk.dtype)
-            for p in row:
-                add, _ = plan.additive_mask(p, q.dtype)
-                gq, gk, gv = _bwd_op(
-                    dob, qb, k[:, :, p.k0 : p.k1], v[:, :, p.k0 : p.k1], ob, lb, add, plan.scale, p.causal
-                )
-                dqb += gq
-                dk[:, :, p.k0 : p.k1] += gk
-                dv[:, :, p.k0 : p.k1] += gv
-            dq[:, :, q0:q1] = dqb.reshape(B, Hq, q1 - q0, D).to(q.dtype)
-        dsinks = None
-        if ctx.has_sinks:  # delta = rowsum(dO ∘ O) - dlse: the padded columns carry the -dlse part
-            p_sink = torch.exp(sinks.to(lse.dtype).view(1, -1, 1) - lse)
-            dsinks = sinks_grad(p_sink, (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)).to(sinks.dtype)
-        if dlse is not None:  # drop the padded columns
-            dq, dk, dv = dq[..., :D0], dk[..., :D0], dv[..., :D0]
-        return None, dq, dk.to(k.dtype), dv.to(v.dtype), dsinks
+        dq, dk, dv, dsinks = _backward(
+            ctx.plan, q, k, v, out, lse, sinks if ctx.has_sinks else None, dout, dlse
+        )
+        return None, dq, dk, dv, dsinks
+
+
+def _backward(
+    plan: _Plan,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    sinks: Tensor | None,
+    dout: Tensor | None,
+    dlse: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(dq, dk, dv, dsinks) from the rows' (out, lse) — the call's own, or those of a larger softmax
+    these keys are one part of (then dq is this part's share and dk, dv are these keys' gradients)."""
+    B, Hq, _, D = q.shape
+    dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+    lse_safe = torch.where(torch.isinf(lse), 0.0, lse)  # empty rows: every s is -inf, P = 0
+    acc = lse.dtype  # float32 accumulators (float64 for float64 inputs), cast at the end
+    if dlse is not None:  # d lse / d s = P: the kernel's Δ = rowsum(dO ∘ O) becomes Δ - dlse
+        q, k, v, out, dout = _with_lse_grad(q, k, v, out, dout, dlse.to(acc))
+    D0, D = D, q.shape[-1]
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
+    for q0, q1, row in plan.blocks:
+        if not row:
+            continue
+        fold = (B, plan.Hkv, plan.G * (q1 - q0))
+        qb = q[:, :, q0:q1].reshape(*fold, D)
+        ob = out[:, :, q0:q1].reshape(*fold, D)
+        dob = dout[:, :, q0:q1].reshape(*fold, D)
+        lb = lse_safe[:, :, q0:q1].reshape(fold)
+        dqb = torch.zeros(*fold, D, dtype=dk.dtype)
+        for p in row:
+            add, _ = plan.additive_mask(p, q.dtype)
+            gq, gk, gv = _bwd_op(
+                dob, qb, k[:, :, p.k0 : p.k1], v[:, :, p.k0 : p.k1], ob, lb, add, plan.scale, p.causal
+            )
+            dqb += gq
+            dk[:, :, p.k0 : p.k1] += gk
+            dv[:, :, p.k0 : p.k1] += gv
+        dq[:, :, q0:q1] = dqb.reshape(B, Hq, q1 - q0, D).to(q.dtype)
+    dsinks = None
+    if sinks is not None:  # delta = rowsum(dO ∘ O) - dlse: the padded columns carry the -dlse part
+        p_sink = torch.exp(sinks.to(lse.dtype).view(1, -1, 1) - lse)
+        dsinks = sinks_grad(p_sink, (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)).to(sinks.dtype)
+    if dlse is not None:  # drop the padded columns
+        dq, dk, dv = dq[..., :D0], dk[..., :D0], dv[..., :D0]
+    return dq, dk.to(k.dtype), dv.to(v.dtype), dsinks
 
 
 def _with_lse_grad(
@@ -346,6 +364,26 @@ class SpanBackend(Backend):
             f"{self.description}; {len(pieces)} kernel calls ({n_masked} with an edge mask), "
             f"{frac:.1%} of the (Sq, Sk) scores computed"
         )
+
+    grads_from_output: ClassVar[bool] = True
+
+    def grad_from_output_reasons(self, inputs: AttentionInputs) -> list[str]:
+        r = self.not_supported_reasons(inputs)
+        if inputs.similarity != "dot":
+            r.append(
+                f"similarity={inputs.similarity!r}: only 'dot' (cosine's normalization has its own chain)"
+            )
+        if inputs.sinks is not None:
+            r.append("sinks: a part of a larger softmax has none (fold them in where the parts merge)")
+        if not r:  # the kernel rebuilds P = exp(s - lse) from the given float32 LSE: bounded scores only
+            r += fused_data_reasons(inputs, masks=inputs.may_mask, merges=True)
+        return r
+
+    def grad_from_output(self, inputs, out, lse, dout, dlse):
+        dq, dk, dv, _ = _backward(
+            _make_plan(inputs), inputs.q, inputs.k, inputs.v, out, lse, None, dout, dlse
+        )
+        return dq, dk, dv
 
     def forward(self, inputs: AttentionInputs) -> tuple[Tensor, Tensor | None]:
         q, k = inputs.q, inputs.k

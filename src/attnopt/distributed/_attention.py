@@ -19,8 +19,6 @@ order, so results are bitwise reproducible, and rounding happens once, at the en
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -322,19 +320,28 @@ class _Runner:
         cls = Ring if self.mode == "ring" else Gather
         return cls(self.plan, self.rank, self.group, k, v, self.traffic, _TAG)
 
+    def _described(self, p: Pair) -> tuple:
+        """The global mask and modifiers restated for pair p (built once per call, reused by backward)."""
+        if p not in self._local:
+            g, n = self.g, p.k1 - p.k0
+            at = Piece(p.qa, p.k0, 0, g.ctx)
+            m = None if p.full else local_mask(g.mask, at, p.lq, n, g.Hq)
+            self._local[p] = {
+                "mask": m,
+                "score_mod": local_mods(g.mods, at, p.lq, n, g.Hq) or None,
+                "similarity": g.similarity,
+                "scale": g.scale,
+            }
+        return self._local[p]
+
     def call(self, p: Pair, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Partial (out, lse) of queries p against its keys, with the global mask / mods restated."""
-        g = self.g
-        if p not in self._local:
-            at = Piece(p.qa, p.k0, 0, g.ctx)
-            n = p.k1 - p.k0
-            m = None if p.full else local_mask(g.mask, at, p.lq, n, g.Hq)
-            self._local[p] = (m, local_mods(g.mods, at, p.lq, n, g.Hq) or None)
-        m, mods = self._local[p]
         with api.unobserved():
-            return api.attention(
-                q, k, v, mask=m, score_mod=mods, similarity=g.similarity, scale=g.scale, return_lse=True
-            )
+            return api.attention(q, k, v, **self._described(p), return_lse=True)
+
+    def grads(self, p: Pair, q, k, v, out, lse, dout, dlse) -> tuple[Tensor, Tensor, Tensor]:
+        """Pair p's share of dq and its keys' dk, dv, from the rows' global (out, lse) and their gradients."""
+        return api.attention_backward(q, k, v, out, lse, dout, dlse, **self._described(p))
 
 
 def _rows(t: Tensor, a: int, n: int) -> Tensor:
@@ -352,34 +359,39 @@ def _add_runs(dk: Tensor, dv: Tensor, flat: Tensor, runs, B: int, H: int, D: int
         at += b - a
 
 
-def _blocks(run: _Runner, k: Tensor, v: Tensor, phase: str):
-    """(transport, yields (t, (k rows, v rows) or None, Transfer or None, None)) for ring steps t in order.
+def _blocks(run: _Runner, k: Tensor, v: Tensor, phase: str, shards: list | None = None):
+    """(transport, yields (t, (k rows, v rows) or None, Transfer or None)) for ring steps t in order.
 
     The ring posts step t + 1's messages before step t is handed out (communication overlaps compute);
-    allgather gathers every shard first and slices the same rows the ring would receive.
+    allgather gathers every shard first (unless given the forward's `shards`) and slices the same rows
+    the ring would receive.
     """
     tp = run.transport(k, v)
     steps = run.steps()
 
     def gen():
         if isinstance(tp, Gather):
-            tp.gather(phase)
+            if shards is None:
+                tp.gather(phase)
+            else:
+                tp.shards = shards
             for t in steps:
-                yield t, tp.local() if t == 0 else tp.fetch(t), tp.incoming(t), None
+                yield t, tp.local() if t == 0 else tp.fetch(t), tp.incoming(t)
             return
         pending = tp.start(steps[0], phase) if steps and steps[0] else None
         for i, t in enumerate(steps):
             handle = pending
             nxt = steps[i + 1] if i + 1 < len(steps) else None
             pending = tp.start(nxt, phase) if nxt else None
-            yield t, tp.local() if t == 0 else tp.finish(handle), tp.incoming(t), None
+            yield t, tp.local() if t == 0 else tp.finish(handle), tp.incoming(t)
 
     return tp, gen()
 
 
 class _PairsFn(torch.autograd.Function):
-    """ring / allgather: forward merges the pairs' partials; backward recomputes each pair with the
-    global (out, lse): d partial_out = w·dO, d partial_lse = w·(dO·(partial_out - out) + dlse), w = exp(l - lse)."""
+    """ring / allgather: forward merges the pairs' partials (out, lse); backward hands each pair the
+    global (out, lse) and their gradients (attnopt.api.attention_backward: exact, no forward rerun where
+    the backend can start from them) and returns dK/dV to the keys' owners."""
 
     @staticmethod
     def forward(ctx, run: _Runner, q: Tensor, k: Tensor, v: Tensor):
@@ -388,27 +400,19 @@ class _PairsFn(torch.autograd.Function):
         out = q.new_zeros((B, Hq, L, v.shape[3]), dtype=acc)
         lse = q.new_full((B, Hq, L), float("-inf"), dtype=acc)
         qc = q.detach().to(acc)
-        # allgather holds every shard anyway: it keeps each pair's autograd graph too, so its backward
-        # neither gathers again nor recomputes. The ring keeps O(N/P) memory and recomputes instead.
-        keep = run.mode == "allgather" and any(ctx.needs_input_grad[1:4])
-        graphs: list[tuple[int, Pair, tuple]] = []
-        _, blocks = _blocks(run, k.detach(), v.detach(), "forward")
-        for t, kv, inc, _ in blocks:
-            if kv is None or inc is None:
-                continue
-            kb, vb = kv[0].to(acc), kv[1].to(acc)
-            for p in inc.pairs:
-                if keep:
-                    g = _graph(run, p, qc, kb, vb)
-                    graphs.append((t, p, g))
-                    o, part_lse = g[0].detach(), g[1].detach()
-                else:
-                    with torch.no_grad():
-                        o, part_lse = run.call(p, *_operands(p, qc, kb, vb))
-                sl = slice(p.q_loc, p.q_loc + p.lq)
-                with torch.no_grad():
+        tp, blocks = _blocks(run, k.detach(), v.detach(), "forward")
+        with torch.no_grad():
+            for _, kv, inc in blocks:
+                if kv is None or inc is None:
+                    continue
+                kb, vb = kv[0].to(acc), kv[1].to(acc)
+                for p in inc.pairs:
+                    o, part_lse = run.call(p, *_operands(p, qc, kb, vb))
+                    sl = slice(p.q_loc, p.q_loc + p.lq)
                     out[:, :, sl], lse[:, :, sl] = merge([out[:, :, sl], o], [lse[:, :, sl], part_lse])
-        ctx.run, ctx.graphs, ctx.keep = run, graphs, keep  # keep: the same on every rank (agreed)
+        # allgather holds every shard anyway: keep them, so its backward does not gather again
+        ctx.shards = tp.shards if isinstance(tp, Gather) and any(ctx.needs_input_grad[1:4]) else None
+        ctx.run = run
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.set_materialize_grads(False)
         return out, lse
@@ -421,21 +425,14 @@ class _PairsFn(torch.autograd.Function):
         acc = out.dtype
         B, _, L, D = q.shape
         Hkv, Dv = k.shape[1], v.shape[3]
-        grad = _Grads(
-            torch.zeros_like(out) if dout is None else dout.to(acc),
-            torch.zeros_like(lse) if dlse is None else dlse.to(acc),
-            out,
-            lse,
-            torch.zeros((B, q.shape[1], L, D), dtype=acc, device=q.device),
-        )
+        dout = torch.zeros_like(out) if dout is None else dout.to(acc)
+        dlse = torch.zeros_like(lse) if dlse is None else dlse.to(acc)
+        qc = q.detach().to(acc)
+        dq = torch.zeros_like(qc)
         dk = torch.zeros((B, Hkv, L, D), dtype=acc, device=q.device)
         dv = torch.zeros((B, Hkv, L, Dv), dtype=acc, device=q.device)
-        if ctx.keep:  # never ctx.graphs: a rank with no pair must still take the same path as the others
-            tp = run.transport(k, v)
-            blocks = _kept(ctx.graphs, tp)
-        else:
-            tp, blocks = _blocks(run, k.detach(), v.detach(), "backward")
-        qc = q.detach().to(acc)
+        tp, blocks = _blocks(run, k.detach(), v.detach(), "backward", ctx.shards)
+        ctx.shards = None
         held: dict[int, Tensor] = {}  # allgather: every step's gradients, returned in one all-to-all
         in_flight = None  # ring: the previous step's gradient messages
 
@@ -444,16 +441,24 @@ class _PairsFn(torch.autograd.Function):
             if flat is not None and tr is not None:
                 _add_runs(dk, dv, flat, tr.runs, B, Hkv, D, Dv)
 
-        for t, kv, inc, kept in blocks:
+        for t, kv, inc in blocks:
             flat = None
             if kv is not None and inc is not None:
-                gk = torch.zeros((B, Hkv, inc.rows, D), dtype=acc, device=q.device)
-                gv = torch.zeros((B, Hkv, inc.rows, Dv), dtype=acc, device=q.device)
-                if kept is None:  # the ring: recompute each pair against the rows fetched again
-                    kb, vb = kv[0].to(acc), kv[1].to(acc)
-                    kept = [_graph(run, p, qc, kb, vb) for p in inc.pairs]
-                for p, g in zip(inc.pairs, kept, strict=True):
-                    grad.add(p, g, gk, gv)
+                kb, vb = kv[0].to(acc), kv[1].to(acc)
+                gk, gv = torch.zeros_like(kb), torch.zeros_like(vb)
+                for p in inc.pairs:
+                    n, sl = p.k1 - p.k0, slice(p.q_loc, p.q_loc + p.lq)
+                    a, b, c = run.grads(
+                        p,
+                        *_operands(p, qc, kb, vb),
+                        out[:, :, sl],
+                        lse[:, :, sl],
+                        dout[:, :, sl],
+                        dlse[:, :, sl],
+                    )
+                    dq[:, :, sl] += a
+                    gk[:, :, p.buf0 : p.buf0 + n] += b
+                    gv[:, :, p.buf0 : p.buf0 + n] += c
                 flat = torch.cat([gk.reshape(-1), gv.reshape(-1)])
             if t == 0:
                 owned(0, flat)
@@ -470,62 +475,12 @@ class _PairsFn(torch.autograd.Function):
             back = tp.return_grads(held)
             for t in sorted(back):  # from ranks r + 1, r + 2, ...: the ring's order
                 owned(t, back[t])
-        ctx.graphs = None
-        return None, grad.dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def _operands(p: Pair, qc: Tensor, kb: Tensor, vb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     n = p.k1 - p.k0
     return _rows(qc, p.q_loc, p.lq), _rows(kb, p.buf0, n), _rows(vb, p.buf0, n)
-
-
-def _graph(run: _Runner, p: Pair, qc: Tensor, kb: Tensor, vb: Tensor) -> tuple:
-    """(out, lse, q, k, v) of pair p computed with autograd on fresh leaves (for its gradients)."""
-    leaves = [t.detach().requires_grad_(True) for t in _operands(p, qc, kb, vb)]
-    with torch.enable_grad():
-        o, part_lse = run.call(p, *leaves)
-    return (o, part_lse, *leaves)
-
-
-def _kept(graphs: list, tp):
-    """The forward's kept graphs as the backward loop's blocks: (t, True, Transfer, graphs of its pairs)."""
-    by_step: dict[int, list] = {}
-    for t, _, g in graphs:
-        by_step.setdefault(t, []).append(g)
-    for t in sorted(by_step):
-        yield t, True, tp.incoming(t), by_step[t]
-
-
-@dataclass
-class _Grads:
-    """The global upstream gradients and result, and dq: what every pair's share is computed from."""
-
-    dout: Tensor
-    dlse: Tensor
-    out: Tensor
-    lse: Tensor
-    dq: Tensor
-
-    def add(self, p: Pair, g: tuple, gk: Tensor, gv: Tensor) -> None:
-        """Add pair p's exact share of dq (its rows) and of dk, dv (its buffer rows), from its graph g:
-        d partial_out = w·dO, d partial_lse = w·(dO·(partial_out - out) + dlse), w = exp(partial_lse - lse)."""
-        o, part_lse, qs, ks, vs = g
-        n, sl = p.k1 - p.k0, slice(p.q_loc, p.q_loc + p.lq)
-        with torch.no_grad():
-            live = torch.isfinite(part_lse)
-            w = torch.where(live, torch.exp(part_lse - torch.where(live, self.lse[:, :, sl], 0.0)), 0.0)
-            do = self.dout[:, :, sl]
-            g_o = w.unsqueeze(-1) * do
-            g_l = torch.where(
-                live, w * ((do * (o.detach() - self.out[:, :, sl])).sum(-1) + self.dlse[:, :, sl]), 0.0
-            )
-        a, b, c = torch.autograd.grad((o, part_lse), (qs, ks, vs), (g_o, g_l), allow_unused=True)
-        if a is not None:
-            self.dq[:, :, sl] += a
-        if b is not None:
-            gk[:, :, p.buf0 : p.buf0 + n] += b
-        if c is not None:
-            gv[:, :, p.buf0 : p.buf0 + n] += c
 
 
 def _alltoall(
