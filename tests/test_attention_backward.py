@@ -102,3 +102,6 @@ def test_bad_shapes_are_clear_errors():
         attention_backward(q, q, q, q[:, :, :4], torch.zeros(1, 2, 5), q)
     with pytest.raises(ValueError, match="dlse must be"):
         attention_backward(q, q, q, q, torch.zeros(1, 2, 5), q, torch.zeros(3))
+    with pytest.raises(ValueError, match="lse is on meta but q is on cpu"):
+        attention_backward(q, q, q, q, torch.zeros(1, 2, 5, device="meta"), q)
+    assert ao.attention_backward is attention_backward

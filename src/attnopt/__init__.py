@@ -2,7 +2,7 @@
 
 from . import masks, mods
 from ._dispatch import NoBackendError
-from .api import attention, available_backends, explain
+from .api import attention, attention_backward, available_backends, explain
 from .masks import (
     cache_causal,
     causal,
@@ -25,6 +25,7 @@ __all__ = [
     "NoBackendError",
     "__version__",
     "attention",
+    "attention_backward",
     "available_backends",
     "cache_causal",
     "causal",

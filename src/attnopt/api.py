@@ -390,6 +390,8 @@ def attention_backward(
                 f"attention_backward: {name} must be a floating tensor of shape {shape}, got "
                 f"{type(t).__name__} {tuple(getattr(t, 'shape', ()))}"
             )
+        if t.device != inputs.device:
+            raise ValueError(f"attention_backward: {name} is on {t.device} but q is on {inputs.device}")
     out, dout = out.detach().to(inputs.dtype), dout.detach().to(inputs.dtype)
     lse, dlse = lse.detach().to(acc), None if dlse is None else dlse.detach().to(acc)
     if inputs.empty:
