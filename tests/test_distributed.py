@@ -15,8 +15,8 @@ from attnopt import mods as am
 from tests._dist import run_ranks
 
 # fp32, per tensor, relative to its largest entry: the sharded result is within TOL of the float64
-# oracle, and within 2·TOL of single-process fp32 attnopt (which is itself up to ~7e-7 off the oracle in
-# dq here: two fp32 results can each be within TOL of the truth and 1.06e-6 apart, as measured).
+# oracle and within TOL of single-process fp32 attnopt (measured worst 7.3e-7 and 7.8e-7 on 2 and 4
+# processes; single-process attnopt is itself up to ~7e-7 off the oracle in dq here).
 TOL = 1e-6
 MODES = ("ring", "allgather", "alltoall")
 
@@ -132,7 +132,7 @@ def _exactness(rank: int, P: int, Hq: int, Hkv: int, N: int) -> dict[str, float]
 def _check_exact(P: int, Hq: int, Hkv: int, N: int) -> None:
     per_rank = run_ranks(_exactness, P, Hq, Hkv, N)
     worst = {key: max(r[key] for r in per_rank) for key in per_rank[0]}
-    bad = {key: e for key, e in worst.items() if not e <= (TOL if key.startswith("f64:") else 2 * TOL)}
+    bad = {key: e for key, e in worst.items() if not e <= TOL}
     assert not bad, f"{len(bad)} of {len(worst)} comparisons off by more than the bound: {bad}"
     assert len(worst) > 600
 
