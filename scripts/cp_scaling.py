@@ -7,9 +7,11 @@
 Part A, measured on this machine (CPU, gloo over localhost, one thread per process, spawned here):
 gloo point-to-point latency and bandwidth (ping-pong), all_gather and all_to_all_single throughput, and
 attnopt.distributed.attention forward and forward+backward per mode on a causal zigzag-sharded problem,
-against single-process attnopt.attention on the full problem (1 thread, same run). Medians over repeats,
-modes interleaved within each repeat. It then feeds the measured rates into the model
-(attnopt.distributed.scaling) and prints predicted vs measured, as a check of the model's structure.
+against single-process attnopt.attention on the full problem (1 thread, same run), and the cost of the
+LSE gradient in attnopt.api.attention_backward (the ring's and allgather's per-pair backward: with dlse
+over without), at Part A's shape and at D=128 in fp32 and bf16. Medians over repeats, modes interleaved
+within each repeat. It then feeds the measured rates into the model (attnopt.distributed.scaling) and
+prints predicted vs measured, as a check of the model's structure.
 
 Part B, the model: one Llama-3-8B-like layer (Hq=32, Hkv=8, D=128, bf16, causal, fwd+bwd) for N = 128K to
 1M tokens on P = 8 to 64 H100/H200-class devices, 8 per node on NVLink, nodes on NDR InfiniBand; the
@@ -27,7 +29,7 @@ import socket
 import statistics
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 import torch.distributed as dist
@@ -35,6 +37,7 @@ import torch.multiprocessing as mp
 
 import attnopt as ao
 import attnopt.distributed as cp
+from attnopt import api
 from attnopt.distributed import scaling as S
 
 SOURCES = {
@@ -49,7 +52,13 @@ SOURCES = {
     "across nodes gets 8 x 50 = 400 GB/s per GPU (cf. multi-node NCCL all_reduce bus bandwidth of 400-450 "
     "GB/s expected for H100 SXM + NDR, saturncloud.io/blog/crusoe-nccl-cluster-validation)",
     "latency_s": "10 us per message or collective step: an assumption, not measured or cited",
+    "lse_grad_factor": "the ring's and allgather's pair backward (attnopt.api.attention_backward from the "
+    "global out and LSE, with the LSE gradient in padded head-dim columns: two in bf16) over a plain "
+    "backward: measured on the CPU span backend, bf16, D=128, N=2048 (~1.07 at commit d4e7f51; "
+    "1.04-1.14 when this model was updated; this run's figure is in Part A); attnopt runs each pair in "
+    "float32 today, where it costs more (Part A's fp32 figures); alltoall pays none",
 }
+LSE_SHAPE = {"B": 1, "Hq": 8, "Hkv": 2, "N": 2048, "D": 128}  # the LSE-gradient cost at Part B's D and GQA
 WARMUP_N = 512  # one untimed round at this N first: first-call costs (allocator, code paths, gloo pairs)
 N_GRID = (2**17, 2**18, 2**19, 2**20)
 P_GRID = (8, 16, 32, 64)
@@ -185,15 +194,48 @@ def _measure_attention(rank: int, P: int, plan: dict) -> dict:
     return {N: _interleaved(_calls(rank, P, N, plan), plan["repeats"]) for N in plan["N"]}
 
 
+def _backward_calls(q, k, v, do) -> dict:
+    """{"bwd" | "bwd_lse": call}: attnopt.api.attention_backward from the rows' (out, lse), without and
+    with an LSE gradient (zeros, as the ring's and allgather's _PairsFn pass when the LSE is unused)."""
+    out, lse = ao.attention(q, k, v, mask=ao.causal(), return_lse=True)
+    dlse = torch.zeros_like(lse)
+    return {
+        "bwd": lambda: api.attention_backward(q, k, v, out, lse, do, None, mask=ao.causal()),
+        "bwd_lse": lambda: api.attention_backward(q, k, v, out, lse, do, dlse, mask=ao.causal()),
+    }
+
+
 def _single_calls(N: int, Hkv: int, plan: dict) -> dict:
-    """{"fwd" | "fwd_bwd": call} of attnopt.attention on the whole problem."""
+    """{"fwd" | "fwd_bwd" | "bwd" | "bwd_lse": call} of attnopt on the whole problem."""
     q, k, v, do = _problem(N, Hkv, plan)
 
     def fwd_bwd():
         qs, ks, vs = (t.detach().requires_grad_(True) for t in (q, k, v))
         ao.attention(qs, ks, vs, mask=ao.causal()).backward(do)
 
-    return {"fwd": lambda: ao.attention(q, k, v, mask=ao.causal()), "fwd_bwd": fwd_bwd}
+    calls = {"fwd": lambda: ao.attention(q, k, v, mask=ao.causal()), "fwd_bwd": fwd_bwd}
+    return calls | _backward_calls(q, k, v, do)
+
+
+def lse_ratio(samples: dict) -> list[float]:
+    """Per repeat (interleaved): backward with the LSE gradient / without."""
+    return [b / a for a, b in zip(samples["bwd"], samples["bwd_lse"], strict=True)]
+
+
+def _lse_grad_costs(plan: dict) -> dict:
+    """{dtype name: {"bwd" | "bwd_lse": [ms, ...]}} at LSE_SHAPE, causal, this process (1 thread)."""
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        g = torch.Generator().manual_seed(1)
+        sh = LSE_SHAPE
+        q, k, v, do = (
+            torch.randn(sh["B"], h, sh["N"], sh["D"], generator=g).to(dtype)
+            for h in (sh["Hq"], sh["Hkv"], sh["Hkv"], sh["Hq"])
+        )
+        calls = _backward_calls(q, k, v, do)
+        _interleaved(calls, 1)  # untimed: first-call costs
+        out[name] = _interleaved(calls, plan["repeats"])
+    return out
 
 
 def _single_process(Hkv: int, plan: dict) -> dict:
@@ -209,16 +251,18 @@ def _here_layer(P: int, plan: dict) -> S.Layer:
     return S.Layer(Hq=plan["Hq"], Hkv=P, D=plan["D"], bytes=4, grad_bytes=4)
 
 
-def _here_machine(P: int, N: int, comm: dict, single: dict, plan: dict) -> S.Machine:
+def _here_machine(P: int, N: int, comm: dict, single: dict, lse_factor: float, plan: dict) -> S.Machine:
     """The model's machine with this box's measured numbers: the single process's FLOP rate (shared by
-    P processes on the cores there are), its backward/forward ratio, gloo's ping-pong bandwidth at the
-    largest size and its one-way latency at the smallest, all P processes on one "node"."""
+    P processes on the cores there are), its backward/forward ratio, the LSE gradient's cost in the
+    pairs' backward (fp32, this shape), gloo's ping-pong bandwidth at the largest size and its one-way
+    latency at the smallest, all P processes on one "node"."""
     cores = len(os.sched_getaffinity(0))
     rate = S.causal_flops(N, _here_layer(P, plan)) / (single["fwd"] / 1e3) * min(P, cores) / P
     sizes = sorted(comm["p2p"])
     return S.Machine(
         tflops=rate / 1e12,
         bwd_factor=(single["fwd_bwd"] - single["fwd"]) / single["fwd"],
+        lse_grad_factor=lse_factor,
         intra_gbs=comm["p2p"][sizes[-1]]["gbs"],
         inter_gbs=comm["p2p"][sizes[-1]]["gbs"],
         gpus_per_node=P,
@@ -230,14 +274,15 @@ def part_a(plan: dict) -> dict:
     """Measure comm and attention on P = plan["P"] processes and the single-process baseline; add the
     model's predictions from the measured rates."""
     torch.set_num_threads(1)
-    out = {}
+    out: dict = {}  # {P: ...}
     for P in plan["P"]:
         measured = _spawn(P, plan)
         singles = _single_process(P, plan)
         rows = []
         for N in plan["N"]:
             single = {kind: statistics.median(ts) for kind, ts in singles[N].items()}
-            machine = _here_machine(P, N, measured["comm"], single, plan)
+            lse_factor = statistics.median(lse_ratio(singles[N]))
+            machine = _here_machine(P, N, measured["comm"], single, lse_factor, plan)
             for mode in cp.MODES:
                 e = S.estimate(mode, N, P, _here_layer(P, plan), machine)
                 fwd, fwd_bwd = (measured["attention"][N][(mode, kind)] for kind in ("fwd", "fwd_bwd"))
@@ -253,11 +298,12 @@ def part_a(plan: dict) -> dict:
                         "single_samples_ms": singles[N],
                         "model_fwd_ms": e.fwd_s * 1e3,
                         "model_fwd_bwd_ms": e.total_s * 1e3,
+                        "single_lse_grad_factor": lse_factor,
                         "model_machine": asdict(machine),
                     }
                 )
         out[P] = {"comm": measured["comm"], "attention": rows}
-    return out
+    return {"by_P": out, "lse_grad": _lse_grad_costs(plan)}
 
 
 # ---------------------------------------------------------------- Part B: the model at scale
@@ -289,7 +335,8 @@ def _spread(samples: list[float]) -> str:
     return f"{max(samples) / min(samples):.2f}"
 
 
-def print_part_a(a: dict, plan: dict) -> None:
+def print_part_a(part: dict, plan: dict) -> None:
+    a = part["by_P"]
     cores = len(os.sched_getaffinity(0))
     print(f"### Part A: measured here (CPU, gloo on localhost, 1 thread per process, {cores} cores)\n")
     print(
@@ -308,7 +355,8 @@ def print_part_a(a: dict, plan: dict) -> None:
         f"\nattnopt.distributed.attention, causal, zigzag, B={plan['B']} Hq={plan['Hq']} Hkv=P D={plan['D']} "
         f"fp32; median ms of {plan['repeats']} (modes interleaved; max/min of them in brackets); 'x 1 proc' = time / single-process "
         f"attnopt.attention (1 thread) on the whole problem, ideal {1 / min(2, cores):.2f} with {cores} cores; "
-        "model = attnopt.distributed.scaling with this box's measured rates\n"
+        "model = attnopt.distributed.scaling with this box's measured rates (its lse_grad_factor: the LSE-"
+        "gradient cost below, same P and N)\n"
     )
     print(
         "| P | N | mode | fwd ms (max/min) | fwd+bwd ms (max/min) | fwd+bwd x 1 proc | model fwd ms | "
@@ -323,15 +371,34 @@ def print_part_a(a: dict, plan: dict) -> None:
                 f"{r['fwd_bwd_ms'] / r['single_fwd_bwd_ms']:.2f} | {r['model_fwd_ms']:.0f} | "
                 f"{r['model_fwd_bwd_ms']:.0f} | {r['model_fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f} |"
             )
-    print("\nsingle process (1 thread), whole problem, median ms (max/min):")
+    print(
+        "\nsingle process (1 thread), whole problem, median ms (max/min); bwd = attnopt.api.attention_backward "
+        "from (out, lse) without / with an LSE gradient (zeros), and their ratio per repeat (median, range):"
+    )
     for P, res in a.items():
         for r in res["attention"]:
             if r["mode"] == cp.MODES[0]:
-                fwd, fwd_bwd = (_spread(r["single_samples_ms"][kind]) for kind in ("fwd", "fwd_bwd"))
+                sm = r["single_samples_ms"]
+                spread = {kind: _spread(sm[kind]) for kind in sm}
+                med = {kind: statistics.median(sm[kind]) for kind in sm}
                 print(
-                    f"  Hkv={P} N={r['N']}: fwd {r['single_fwd_ms']:.0f} ({fwd}), "
-                    f"fwd+bwd {r['single_fwd_bwd_ms']:.0f} ({fwd_bwd})"
+                    f"  Hkv={P} N={r['N']}: fwd {med['fwd']:.0f} ({spread['fwd']}), "
+                    f"fwd+bwd {med['fwd_bwd']:.0f} ({spread['fwd_bwd']}), bwd {med['bwd']:.0f} ({spread['bwd']}) / "
+                    f"{med['bwd_lse']:.0f} ({spread['bwd_lse']}): x{r['single_lse_grad_factor']:.2f} "
+                    f"({_span(lse_ratio(sm))})"
                 )
+    sh = LSE_SHAPE
+    print(
+        f"\nLSE-gradient cost at B={sh['B']} Hq={sh['Hq']} Hkv={sh['Hkv']} D={sh['D']} N={sh['N']} causal (1 thread): "
+        "attention_backward from (out, lse), median ms (max/min) without / with dlse, ratio per repeat:"
+    )
+    for name, sm in part["lse_grad"].items():
+        ratios = lse_ratio(sm)
+        print(
+            f"  {name}: {statistics.median(sm['bwd']):.0f} ({_spread(sm['bwd'])}) / "
+            f"{statistics.median(sm['bwd_lse']):.0f} ({_spread(sm['bwd_lse'])}): "
+            f"x{statistics.median(ratios):.2f} ({_span(ratios)})"
+        )
     print("\nfwd+bwd ratios between modes, measured vs model:")
     for P, res in a.items():
         by = {(r["N"], r["mode"]): r for r in res["attention"]}
@@ -361,16 +428,18 @@ def _span(xs: list[float]) -> str:
     return lo if lo == hi else f"{lo}-{hi}"
 
 
-def print_part_b(rows: list[dict], layer: S.Layer, machine: S.Machine) -> None:
+def print_part_b(rows: list[dict], layer: S.Layer, machine: S.Machine, alternatives: dict) -> None:
     print(
         f"\n### Part B: model, one layer fwd+bwd, Hq={layer.Hq} Hkv={layer.Hkv} D={layer.D} bf16 causal, "
         f"zigzag, {machine.gpus_per_node} GPUs per node\n"
     )
     print(
-        "Predicted ms per layer (share of it waiting on communication). compute: ring (it reruns each pair's "
-        f"forward in backward: {2 + machine.bwd_factor:g} forward passes) / allgather and alltoall "
-        f"({1 + machine.bwd_factor:g}); grad return: the float32 dK/dV exchange left after the last compute "
-        "(ring: its last step; allgather: one all-to-all); winner (next best / winner).\n"
+        "Predicted ms per layer (share of it waiting on communication). compute: ring and allgather (each "
+        "pair's backward from the global out and LSE, no forward rerun, with the LSE gradient at "
+        f"lse_grad_factor {machine.lse_grad_factor:g}: {1 + S.pair_bwd_passes(machine):g} forward passes) / "
+        f"a plain forward and backward, as alltoall runs ({1 + machine.bwd_factor:g}); grad return: the "
+        "float32 dK/dV exchange left after the last compute (ring: its last step; allgather: one "
+        "all-to-all); winner (next best / winner).\n"
     )
     print("| N | P | links | compute ms | grad return ms | ring | allgather | alltoall | winner |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -378,8 +447,9 @@ def print_part_b(rows: list[dict], layer: S.Layer, machine: S.Machine) -> None:
         est = r["estimates"]
         links = "NVLink" if machine.gpus_per_node >= r["P"] else "NVLink + IB"
         ring, gather = est["ring"], est["allgather"]
+        plain = ring.compute_s * (1 + machine.bwd_factor) / (1 + S.pair_bwd_passes(machine))
         print(
-            f"| {_tokens(r['N'])} | {r['P']} | {links} | {ring.compute_s * 1e3:.1f} / {gather.compute_s * 1e3:.1f} | "
+            f"| {_tokens(r['N'])} | {r['P']} | {links} | {ring.compute_s * 1e3:.1f} / {plain * 1e3:.1f} | "
             f"{ring.grad_return_s * 1e3:.1f} / {gather.grad_return_s * 1e3:.1f} | "
             + " | ".join(_cell(est[m]) for m in S.MODES)
             + f" | **{r['winner']}** ({_margin(est):.2f}x) |"
@@ -387,16 +457,13 @@ def print_part_b(rows: list[dict], layer: S.Layer, machine: S.Machine) -> None:
     print("\nAssumptions (sources):")
     for key, text in SOURCES.items():
         print(f"* {key} = {getattr(machine, key)}: {text}")
-    print(
-        f"* pair_recompute = {S.PAIR_RECOMPUTE}: the ring's backward as attnopt runs it (scaling.PAIR_RECOMPUTE)"
-    )
-    print("\n" + where_each_wins(rows, layer, machine))
+    print("\n" + where_each_wins(rows, layer, machine, alternatives))
 
 
-def where_each_wins(rows: list[dict], layer: S.Layer, machine: S.Machine) -> str:
+def where_each_wins(rows: list[dict], layer: S.Layer, machine: S.Machine, alternatives: dict) -> str:
     """A short paragraph from the table: the cells each mode wins and by how much, how close ring and
-    allgather are, the ring's overlap lengths, allgather's gradient all-to-all and memory, and what
-    dropping the ring's per-pair forward rerun would change."""
+    allgather are, the ring's overlap lengths, allgather's gradient all-to-all and memory, and the
+    winners under other LSE-gradient costs (alternatives: {label: lse_grad_factor})."""
     parts = []
     for m in S.MODES:
         mine = [r for r in rows if r["winner"] == m]
@@ -415,10 +482,13 @@ def where_each_wins(rows: list[dict], layer: S.Layer, machine: S.Machine) -> str
     )
     gather = worst["estimates"]["allgather"]
     biggest = max(r["N"] for r in rows)
-    lean = {m: 0 for m in S.MODES}
-    for r in rows:
-        est = {m: S.estimate(m, r["N"], r["P"], layer, machine, pair_recompute=0) for m in S.MODES}
-        lean[S.winner(est)] += 1
+    other = []
+    for label, factor in alternatives.items():
+        alt = replace(machine, lse_grad_factor=factor)
+        wins = {m: 0 for m in S.MODES}
+        for r in rows:
+            wins[S.winner({m: S.estimate(m, r["N"], r["P"], layer, alt) for m in S.MODES})] += 1
+        other.append(f"{label}: " + ", ".join(f"{m} {n}" for m, n in wins.items()))
     return (
         "Where each wins (this model): "
         + "; ".join(parts)
@@ -429,11 +499,13 @@ def where_each_wins(rows: list[dict], layer: S.Layer, machine: S.Machine) -> str
         + "every step waits on one InfiniBand port while an all-gather crosses nodes on all "
         + f"{machine.gpus_per_node} ports of a node at once. alltoall runs only for P <= Hkv = {layer.Hkv}. "
         + f"allgather's gradient all-to-all is up to {gather.grad_return_s / gather.total_s:.0%} of its time "
-        + f"({_tokens(worst['N'])}, P={worst['P']}), and it keeps the float32 K/V of every row it used: up to "
-        + f"{S.kv_bytes(biggest, layer, 4) / 2**30:.1f} GiB per layer and GPU at N={_tokens(biggest)}, which "
-        + "the time model does not charge. Without the ring's per-pair forward rerun (pair_recompute=0) the "
-        + "winners would be "
-        + ", ".join(f"{m} {n}" for m, n in lean.items())
+        + f"({_tokens(worst['N'])}, P={worst['P']}), and it keeps the gathered K/V of every shard in the input "
+        + f"dtype from forward to backward: {S.allgather_kept_bytes(biggest, layer) / 2**30:.1f} GiB per layer "
+        + f"and GPU at N={_tokens(biggest)}, which the time model does not charge. Neither ring nor allgather "
+        + "reruns a pair's forward in backward; both pay the LSE gradient's padding "
+        + f"(lse_grad_factor {machine.lse_grad_factor:g}), alltoall does not. With other LSE-gradient costs "
+        + "the winners would be: "
+        + "; ".join(other)
         + "."
     )
 
@@ -472,7 +544,9 @@ def main(argv: list[str] | None = None) -> None:
     print_part_a(a, plan)
     layer, machine = S.Layer(), S.Machine()
     b = part_b(layer, machine)
-    print_part_b(b, layer, machine)
+    fp32 = statistics.median(lse_ratio(a["lse_grad"]["fp32"]))
+    alternatives = {"1.0 (no padding)": 1.0, f"{fp32:.2f} (float32 pairs, measured here)": fp32}
+    print_part_b(b, layer, machine, alternatives)
     took = (datetime.datetime.now(datetime.timezone.utc) - start).total_seconds()
     print(f"\n{took:.0f} s; load average {load:.2f} before, {os.getloadavg()[0]:.2f} after")
     if args.json:

@@ -1,18 +1,21 @@
 """A first-order time model of context-parallel attention: ring vs allgather vs alltoall (issue #12).
 
 One attention layer, forward + backward, causal, zigzag layout, on P devices, following the schedules
-attnopt.distributed runs (as of commit 6d46583):
+attnopt.distributed runs (as of commit d4e7f51):
 
 * ``ring``: step 0 computes the local pairs while step 1's key rows travel, and every later step costs
-  max(compute, transfer). Backward fetches the rows again the same way and reruns each pair's forward
-  (its partial out and LSE) before differentiating it; step t's float32 dK/dV go back to their owner
-  while step t + 1 computes, sharing the port with step t + 1's K/V; the last step's arrive after the loop.
-* ``allgather``: one all-gather of every shard's K/V, then all the compute, keeping each pair's autograd
-  graph: backward neither gathers again nor recomputes, then returns the float32 dK/dV of every step in
-  one all-to-all that nothing overlaps. (It holds the fp32 K/V of every row it used: memory, not time.)
+  max(compute, transfer). Backward fetches the rows again the same way and runs each pair's fused
+  backward straight from the rows' global (out, LSE) (attnopt.api.attention_backward: no forward rerun),
+  at lse_grad_factor times a plain backward's cost (see Machine); step t's float32 dK/dV go back to their
+  owner while step t + 1 computes, sharing the port with step t + 1's K/V; the last step's arrive after
+  the loop.
+* ``allgather``: one all-gather of every shard's K/V in the input dtype, kept from the forward for the
+  backward, which does not gather again; the same per-pair compute as the ring (forward, then the fused
+  backward from (out, LSE) at lse_grad_factor); then the float32 dK/dV of every step go back in one
+  all-to-all that nothing overlaps. (It holds the gathered K/V, allgather_kept_bytes: memory, not time.)
 * ``alltoall`` (DeepSpeed-Ulysses): q, k, v in and out back (4 all-to-alls; backward 4 more) around a
-  full-sequence computation on Hq/P query heads (one plain forward and backward). Needs Hkv % P == 0,
-  so None beyond.
+  full-sequence computation on Hq/P query heads (one plain forward and backward: no LSE gradient, so no
+  padding). Needs Hkv % P == 0, so None beyond.
 
 Compute is causal attention FLOPs over P devices at one sustained rate; zigzag gives every rank the
 same work at every ring step (step_pairs). Links: a point-to-point transfer between nodes is limited
@@ -27,10 +30,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MODES = ("ring", "allgather", "alltoall")
-# Forward passes the ring's backward reruns per (query, key) pair: attnopt's _PairsFn recomputes each
-# pair's partial (out, LSE) to weight its gradient (allgather keeps the forward's graphs instead); a
-# kernel that takes the global (out, LSE) directly, as ring-flash-attn's backward does, would need 0.
-PAIR_RECOMPUTE = 1.0
+# A pair's backward from the global (out, LSE) with the LSE's gradient, over a plain backward. attnopt's
+# span backend carries dlse in extra head-dim columns (_with_lse_grad: one in fp32/fp64, two in bf16/fp16)
+# and _PairsFn always passes one (zeros when the LSE is unused). Measured on the CPU span backend at
+# D=128, N=2048, causal, 1 thread: ~1.07 bf16 and ~1.17 fp32 (at commit d4e7f51); 1.04-1.14 bf16 and
+# 1.15-1.23 fp32 in three short runs while updating this model (B=1, Hq=8, Hkv 8 or 2; medians of 3-7,
+# loaded 2-core machine); scripts/cp_scaling.py measures it again each run. 1.1: a round bf16 figure,
+# for the bf16 layer below (attnopt's _PairsFn runs each pair in float32 today: the fp32 figure).
+LSE_GRAD_FACTOR = 1.1
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,7 @@ class Machine:
 
     tflops: float = 560.0  # sustained attention TFLOP/s per device, forward and backward alike
     bwd_factor: float = 2.5  # backward FLOPs / forward FLOPs (FlashAttention's convention)
+    lse_grad_factor: float = LSE_GRAD_FACTOR  # ring / allgather pair backward cost over a plain one
     intra_gbs: float = 450.0  # GB/s per direction per device inside a node (NVLink 4)
     inter_gbs: float = 50.0  # GB/s per device across nodes (NDR 400 Gb/s, one port per device)
     gpus_per_node: int = 8
@@ -77,6 +85,12 @@ class Estimate:
         return (self.total_s - self.compute_s) / self.total_s
 
 
+def pair_bwd_passes(m: Machine) -> float:
+    """Forward passes' worth of compute the ring's and allgather's backward costs: the fused backward
+    from (out, LSE) with the LSE gradient, bwd_factor · lse_grad_factor (no forward rerun)."""
+    return m.bwd_factor * m.lse_grad_factor
+
+
 def causal_flops(N: int, layer: Layer) -> float:
     """Forward FLOPs of causal attention over N tokens: 4·N²·Hq·D / 2 (two matmuls, half the scores)."""
     return 2.0 * N * N * layer.Hq * layer.D
@@ -91,6 +105,12 @@ def zigzag_rows_received(N: int, P: int, rank: int) -> float:
     """Key rows `rank` needs from the others under a causal mask (zigzag: P - 1 early chunks of N/2P,
     plus the late chunk of every rank after it)."""
     return (2 * P - 2 - rank) * N / (2 * P)
+
+
+def allgather_kept_bytes(N: int, layer: Layer) -> float:
+    """Bytes of K/V allgather holds from its forward to its backward on every device: all N rows as
+    gathered, in the input dtype (layer.bytes), not float32."""
+    return kv_bytes(N, layer)
 
 
 def ring_step_rows(N: int, P: int) -> float:
@@ -140,15 +160,15 @@ def alltoall_s(sent_bytes: float, P: int, m: Machine) -> float:
     )
 
 
-def estimate(
-    mode: str, N: int, P: int, layer: Layer, m: Machine, pair_recompute: float = PAIR_RECOMPUTE
-) -> Estimate | None:
+def estimate(mode: str, N: int, P: int, layer: Layer, m: Machine) -> Estimate | None:
     """Forward and backward seconds of one layer in `mode`; None where the mode cannot run (alltoall
-    with Hkv % P != 0). pair_recompute: see PAIR_RECOMPUTE (the ring only)."""
+    with Hkv % P != 0)."""
     fwd_compute = causal_flops(N, layer) / (P * m.tflops * 1e12)
-    bwd_compute = m.bwd_factor * fwd_compute
+    if mode in ("ring", "allgather"):
+        bwd_compute = pair_bwd_passes(m) * fwd_compute  # from the global (out, LSE): no forward rerun
+    else:
+        bwd_compute = m.bwd_factor * fwd_compute
     if mode == "ring":
-        bwd_compute += pair_recompute * fwd_compute
         kv = p2p_s(kv_bytes(ring_step_rows(N, P), layer), P, m)
         grad = p2p_s(kv_bytes(ring_step_rows(N, P), layer, layer.grad_bytes), P, m)
         c_f, c_b = fwd_compute / P, bwd_compute / P  # per step (zigzag: the same on every rank)
@@ -156,7 +176,7 @@ def estimate(
         bwd = c_b + (P - 1) * max(c_b, kv + grad) + grad
         return Estimate(mode, fwd, bwd, fwd_compute + bwd_compute, grad)
     if mode == "allgather":
-        gather = allgather_s(kv_bytes(N, layer), P, m)
+        gather = allgather_s(kv_bytes(N, layer), P, m)  # once: the backward uses the kept shards
         grads = alltoall_s(kv_bytes(grad_return_rows(N, P), layer, layer.grad_bytes), P, m)
         return Estimate(mode, gather + fwd_compute, bwd_compute + grads, fwd_compute + bwd_compute, grads)
     if mode == "alltoall":
@@ -168,14 +188,11 @@ def estimate(
     raise ValueError(f"mode={mode!r} is unknown; allowed: {MODES}")
 
 
-def ring_overlap_tokens(
-    layer: Layer, m: Machine, gbs: float, backward: bool = False, pair_recompute: float = PAIR_RECOMPUTE
-) -> float:
+def ring_overlap_tokens(layer: Layer, m: Machine, gbs: float, backward: bool = False) -> float:
     """Tokens per device (N/P) from which a ring step's compute covers its messages at `gbs` GB/s
     (latency left out): work·step_pairs·4·Hq·D / R >= (N/P)·Hkv·2D·moved / B, with work and moved 1
-    forward pass and the K/V bytes forward, bwd_factor + pair_recompute passes and K/V + dK/dV bytes
-    backward."""
-    work = m.bwd_factor + pair_recompute if backward else 1.0
+    forward pass and the K/V bytes forward, pair_bwd_passes and K/V + dK/dV bytes backward."""
+    work = pair_bwd_passes(m) if backward else 1.0
     moved = layer.bytes + (layer.grad_bytes if backward else 0)
     return layer.Hkv * moved * m.tflops * 1e12 / (work * layer.Hq * gbs * 1e9)
 
@@ -187,11 +204,12 @@ def winner(estimates: dict[str, Estimate | None]) -> str:
 
 
 __all__ = [
+    "LSE_GRAD_FACTOR",
     "MODES",
-    "PAIR_RECOMPUTE",
     "Estimate",
     "Layer",
     "Machine",
+    "allgather_kept_bytes",
     "allgather_s",
     "alltoall_s",
     "causal_flops",
@@ -201,6 +219,7 @@ __all__ = [
     "kv_bytes",
     "p2p_gbs",
     "p2p_s",
+    "pair_bwd_passes",
     "ring_overlap_tokens",
     "ring_step_rows",
     "step_pairs",
