@@ -426,7 +426,7 @@ class _PairsFn(torch.autograd.Function):
         B, _, L, D = q.shape
         Hkv, Dv = k.shape[1], v.shape[3]
         dout = torch.zeros_like(out) if dout is None else dout.to(acc)
-        dlse = torch.zeros_like(lse) if dlse is None else dlse.to(acc)
+        dlse = None if dlse is None else dlse.to(acc)  # None: no LSE gradient to carry (cheaper)
         qc = q.detach().to(acc)
         dq = torch.zeros_like(qc)
         dk = torch.zeros((B, Hkv, L, D), dtype=acc, device=q.device)
@@ -454,7 +454,7 @@ class _PairsFn(torch.autograd.Function):
                         out[:, :, sl],
                         lse[:, :, sl],
                         dout[:, :, sl],
-                        dlse[:, :, sl],
+                        None if dlse is None else dlse[:, :, sl],
                     )
                     dq[:, :, sl] += a
                     gk[:, :, p.buf0 : p.buf0 + n] += b
