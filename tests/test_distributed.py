@@ -230,6 +230,17 @@ def _errors(rank: int, P: int) -> dict[str, str]:
             ok = all(_rel(a, cp.shard(b, layout=lay)) <= TOL for a, b in zip((o, lse), want))
             shapes = [tuple(t.grad.shape) == tuple(t.shape) for t in parts]
             got[f"empty shard {lengths} {mode}"] = "ok" if ok and all(shapes) else "wrong"
+    # the per-document zigzag layout: a multi-segment layout, exact like the others
+    cu = [0, 3, 20, N]
+    lay = cp.Layout.zigzag_documents(cu, P)
+    parts = [cp.shard(t, layout=lay).requires_grad_(True) for t in (q, k, v)]
+    o = cp.attention(*parts, mask=ao.document(cu) & ao.causal(), layout=lay)
+    o.sum().backward()
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ao.attention(*leaves, mask=ao.document(cu) & ao.causal()).sum().backward()
+    errs = [_rel(o, cp.shard(ao.attention(q, k, v, mask=ao.document(cu) & ao.causal()), layout=lay))]
+    errs += [_rel(a.grad, cp.shard(b.grad, layout=lay)) for a, b in zip(parts, leaves)]
+    got["zigzag_documents"] = "ok" if max(errs) <= TOL else f"wrong: {errs}"
     empty = cp.attention(*[t[:0] for t in sh], mask=ao.causal(), return_lse=True)
     got["empty batch"] = "ok" if empty[0].shape[0] == 0 and empty[1].shape[0] == 0 else "wrong"
     return got
@@ -256,7 +267,7 @@ def test_bad_input_raises_on_every_rank():
     assert (
         r0["bad shape on rank 1"].startswith("RankError") and "rank 1 rejected" in r0["bad shape on rank 1"]
     )
-    for key in [k for k in r0 if k == "after" or k.startswith("empty")]:
+    for key in [k for k in r0 if k in ("after", "zigzag_documents") or k.startswith("empty")]:
         assert r0[key] == r1[key] == "ok", key
     assert (
         r1["mask tensor on another device on rank 1"].startswith("ValueError")
@@ -433,3 +444,29 @@ def test_torchrun_example_from_the_readme():
     assert done.returncode == 0, done.stderr[-3000:]
     diffs = [float(x) for x in re.findall(r"(?:out|dq|dk|dv) ([0-9.e+-]+)", done.stdout)]
     assert len(diffs) == 4 and max(diffs) <= 1e-6, done.stdout
+
+
+def _causal_document_work(lay: cp.Layout, cu: list[int]) -> list[int]:
+    """Kept (query, key) pairs per rank under causal-within-documents attention."""
+    import bisect
+
+    work = []
+    for r in range(lay.world_size):
+        pos = lay.positions(r).tolist()
+        work.append(sum(p - cu[bisect.bisect_right(cu, p) - 1] + 1 for p in pos))
+    return work
+
+
+def test_zigzag_documents_balances_causal_work_in_packed_documents():
+    cu = [0, 3000, 3100, 3300, 8192]  # one long, two short and one medium document
+    P = 4
+    per_doc = _causal_document_work(cp.Layout.zigzag_documents(cu, P), cu)
+    global_zz = _causal_document_work(cp.Layout.zigzag(cu[-1], P), cu)
+    assert max(per_doc) / min(per_doc) <= 1.01, per_doc
+    assert max(global_zz) / min(global_zz) >= 1.2, global_zz  # what it fixes
+    lay = cp.Layout.zigzag_documents(cu, P)
+    assert sorted(p for r in range(P) for p in lay.positions(r).tolist()) == list(range(cu[-1]))
+    import pytest
+
+    with pytest.raises(ValueError, match="must start at 0"):
+        cp.Layout.zigzag_documents([1, 5], 2)

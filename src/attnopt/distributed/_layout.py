@@ -71,6 +71,25 @@ class Layout:
         return cls(segs, "zigzag")
 
     @classmethod
+    def zigzag_documents(cls, cu_seqlens: Sequence[int], world_size: int) -> Layout:
+        """Zigzag inside every packed document: each document is cut into 2P chunks and rank r holds
+        chunks r and 2P-1-r of each (torch's per-document head-tail balancer). With causal attention
+        inside documents every rank then gets the same work whatever the document lengths, where a
+        global zigzag leaves the ranks holding long documents' tails with more."""
+        cu = [int(x) for x in cu_seqlens]
+        if not cu or cu[0] != 0 or any(b < a for a, b in itertools.pairwise(cu)):
+            raise ValueError(f"cu_seqlens={cu} must start at 0 and never decrease")
+        P = world_size
+        segs: list[list[Segment]] = [[] for _ in range(P)]
+        for a, b in itertools.pairwise(cu):
+            bounds = [a + x for x in _bounds(b - a, 2 * P)]
+            for r in range(P):
+                for c in (r, 2 * P - 1 - r):
+                    if bounds[c + 1] > bounds[c]:
+                        segs[r].append((bounds[c], bounds[c + 1] - bounds[c]))
+        return cls(tuple(tuple(x) for x in segs), "zigzag_documents")
+
+    @classmethod
     def make(cls, layout: str | Layout, n: int, world_size: int) -> Layout:
         """A named layout of n positions over world_size ranks (contiguous: near-equal blocks)."""
         if isinstance(layout, Layout):
