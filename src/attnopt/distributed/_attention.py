@@ -139,12 +139,8 @@ def attention(
         error = e
     _check_transfers(agree(group, device, row, error, _WHAT))
     assert lay is not None and g is not None
-    acc = acc_dtype(q.dtype)
-    if g.empty:
-        out = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[3]) + 0 * (q.sum() + k.sum() + v.sum())
-        lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
-        if sinks is not None:
-            lse = sinks.to(acc).view(1, -1, 1).expand_as(lse)
+    if g.empty:  # nothing anywhere: this rank's (empty or zero) shard, as attnopt.attention answers it
+        out, lse = api._empty_result(local)
         return (out, lse) if return_lse else out
     tr = Traffic(traffic)
     if mode == "alltoall":
@@ -499,9 +495,9 @@ def _alltoall(
         """(B, h*P, L_r, d) shards -> (B, h, N, d) in global order for this rank's head chunk."""
         d = x.shape[-1]
         send = torch.cat([x[:, c * h : (c + 1) * h].reshape(-1) for c in range(P)])
-        sizes_in = [send.numel() // P] * P
-        recv = _comm.AllToAll.apply(send, [B * h * n * d for n in lengths], sizes_in, group, tr, rank)
-        pieces = [c.view(B, h, n, d) for c, n in zip(recv.split([B * h * n * d for n in lengths]), lengths)]
+        sizes_out = [B * h * n * d for n in lengths]
+        recv = _comm.AllToAll.apply(send, sizes_out, [send.numel() // P] * P, group, tr, rank)
+        pieces = [c.view(B, h, n, d) for c, n in zip(recv.split(sizes_out), lengths)]
         return torch.cat(pieces, dim=2).index_select(2, inverse)
 
     def to_sequence(y: Tensor) -> Tensor:

@@ -60,18 +60,23 @@ def plot_heads(
     _check_stat(maps, stat)
     _check_batch(maps, batch)
     H = maps.num_heads
-    if cols is not None and (isinstance(cols, bool) or not isinstance(cols, int) or cols < 1):
-        raise ValueError(f"cols={cols!r}; allowed: None (automatic) or an int >= 1 (panels per row)")
+    nrows, ncols = _grid(H, cols)
     mpl = _mpl()
     data = maps.pooled(li, stat, batch).float().numpy()  # (H, R, C)
-    ncols = min(H, cols if cols is not None else math.ceil(math.sqrt(1.5 * H)))
-    nrows = math.ceil(H / ncols)
     titles = [f"L{li} H{h}" for h in range(H)]
     heading = f"Layer {li}: {stat} attention per bin, all {H} heads" + (
         f", batch {batch}" if maps.batch > 1 else ""
     )
     fig = _map_grid(mpl, maps, data, titles, nrows, ncols, heading, stat, log, cmap)
     return _save(fig, path, fmt)
+
+
+def _grid(n: int, cols: int | None) -> tuple[int, int]:
+    """(rows, columns) of n panels: `cols` per row (checked), or a near 3:2 grid when it is None."""
+    if cols is not None and (isinstance(cols, bool) or not isinstance(cols, int) or cols < 1):
+        raise ValueError(f"cols={cols!r}; allowed: None (automatic) or an int >= 1 (panels per row)")
+    ncols = min(n, cols if cols is not None else math.ceil(math.sqrt(1.5 * n)))
+    return math.ceil(n / ncols), ncols
 
 
 def plot_layers(
@@ -92,13 +97,10 @@ def plot_layers(
     _check_stat(maps, stat)
     _check_batch(maps, batch)
     _check_head(maps, head, "head")
-    if cols is not None and (isinstance(cols, bool) or not isinstance(cols, int) or cols < 1):
-        raise ValueError(f"cols={cols!r}; allowed: None (automatic) or an int >= 1 (panels per row)")
-    mpl = _mpl()
     L = maps.num_layers
+    nrows, ncols = _grid(L, cols)
+    mpl = _mpl()
     data = np.stack([_pooled_heads(maps, li, stat, batch, head) for li in range(L)])
-    ncols = min(L, cols if cols is not None else math.ceil(math.sqrt(1.5 * L)))
-    nrows = math.ceil(L / ncols)
     titles = [f"L{li}" + (f" H{head}" if isinstance(head, int) else "") for li in range(L)]
     heading = f"{stat} attention per bin, {L} layers, {_heads_text(maps, head)}" + (
         f", batch {batch}" if maps.batch > 1 else ""
