@@ -104,11 +104,14 @@ class Transport:
     def kv_numel(self, rows: int) -> int:
         return self.B * self.H * rows * (self.D + self.Dv)
 
-    def local(self) -> tuple[Tensor, Tensor] | None:
-        tr = self.plan.get(self.rank, self.rank)
+    def rows_of(self, k: Tensor, v: Tensor, tr: Transfer | None) -> tuple[Tensor, Tensor] | None:
+        """The (k, v) rows transfer `tr` names, as the buffer a receiver sees (None: no transfer)."""
         if tr is None:
             return None
-        return unpack(pack_runs(self.k, self.v, tr.runs), self.B, self.H, tr.rows, self.D, self.Dv)
+        return unpack(pack_runs(k, v, tr.runs), self.B, self.H, tr.rows, self.D, self.Dv)
+
+    def local(self) -> tuple[Tensor, Tensor] | None:
+        return self.rows_of(self.k, self.v, self.plan.get(self.rank, self.rank))
 
 
 class Ring(Transport):
@@ -187,11 +190,7 @@ class Gather(Transport):
         ]
 
     def fetch(self, t: int) -> tuple[Tensor, Tensor] | None:
-        inc = self.incoming(t)
-        if inc is None:
-            return None
-        k, v = self.shards[self.src(t)]
-        return unpack(pack_runs(k, v, inc.runs), self.B, self.H, inc.rows, self.D, self.Dv)
+        return self.rows_of(*self.shards[self.src(t)], self.incoming(t))
 
     def return_grads(self, grads: dict[int, Tensor]) -> dict[int, Tensor]:
         """One all-to-all: grads[t] goes to rank r - t; returns {t: gradient from rank r + t}."""
