@@ -231,7 +231,7 @@ def test_dropout_is_reproducible_and_unbiased(backend):
 
 def test_explain_and_available_backends():
     q, k, v = (t.float() for t in _qkv())
-    assert ao.available_backends() == ["splitkv", "sdpa", "span", "blockwise", "reference"]
+    assert ao.available_backends() == ["splitkv", "sdpa", "span", "flex", "blockwise", "reference"]
     text = ao.explain(q, k, v, mask=ao.causal("top_left"))
     assert "-> runs on 'sdpa'" in text and "reference" in text
     text = ao.explain(q, k, v, score_mod=am.softcap(5.0))

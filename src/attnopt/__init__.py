@@ -1,8 +1,8 @@
 """attnopt: exact, fast, memory-efficient attention for large language models."""
 
-from . import masks, mods
+from . import blockmask, masks, mods
 from ._dispatch import NoBackendError
-from .api import attention, attention_backward, available_backends, explain
+from .api import attention, attention_backward, available_backends, compile_for, explain
 from .masks import (
     cache_causal,
     causal,
@@ -20,6 +20,7 @@ from .nn import MultiHeadAttention, RotaryEmbedding
 __version__ = "0.1.0"
 
 __all__ = [
+    "blockmask",
     "MultiHeadAttention",
     "RotaryEmbedding",
     "NoBackendError",
@@ -33,6 +34,7 @@ __all__ = [
     "dense",
     "document",
     "document_causal",
+    "compile_for",
     "explain",
     "left_padding",
     "masks",

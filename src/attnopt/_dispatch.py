@@ -8,6 +8,7 @@ from __future__ import annotations
 from ._inputs import AttentionInputs
 from .backends._base import Backend
 from .backends.blockwise import BlockwiseBackend
+from .backends.flex import FlexBackend
 from .backends.reference import ReferenceBackend
 from .backends.sdpa import SdpaBackend
 from .backends.span import SpanBackend
@@ -21,6 +22,7 @@ PRIORITY: list[Backend] = [
     SplitKVBackend(),
     SdpaBackend(),
     SpanBackend(),
+    FlexBackend(),
     BlockwiseBackend(),
     ReferenceBackend(),
 ]
@@ -35,7 +37,7 @@ def reasons_by_backend(inputs: AttentionInputs) -> dict[str, list[str]]:
     return {b.name: b.not_supported_reasons(inputs) for b in PRIORITY}
 
 
-def select(inputs: AttentionInputs, backend: str = "auto") -> Backend:
+def select(inputs: AttentionInputs, backend: str = "auto", exclude: frozenset[str] = frozenset()) -> Backend:
     if backend != "auto":
         chosen = BACKENDS[backend]
         reasons = chosen.not_supported_reasons(inputs)
@@ -48,6 +50,8 @@ def select(inputs: AttentionInputs, backend: str = "auto") -> Backend:
         return chosen
     best, best_rank = None, float("inf")
     for b in PRIORITY:  # in tie-break order; ask a backend's reasons only while it could still win
+        if b.name in exclude:
+            continue
         r = b.rank(inputs)  # cheap, metadata only; reasons may read the data (span's score bound)
         if r >= best_rank:  # ties keep the first
             continue

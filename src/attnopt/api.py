@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -198,11 +199,107 @@ def attention(
             _PLAIN[key] = (chosen, inputs.scale)
     if chosen.dense_rows:  # the fused kernels misread some strides: copy just those tensors
         inputs, _ = inputs.kernel_layout()
-    out, lse = chosen.forward(inputs)
+    if inputs.requires_grad and not chosen.native_backward(inputs):
+        out, lse = _forward_then_rerun(chosen, inputs)
+    else:
+        out, lse = chosen.forward(inputs)
     if return_lse:
         assert lse is not None, "a backend that declares supports_lse returned no lse"
         return out, lse
     return out
+
+
+def _grad_leaves(inputs: AttentionInputs) -> list[Tensor]:
+    """The tensors of a call that gradients can flow to: q, k, v, sinks, the modifiers' tensors."""
+    extra = [inputs.sinks, *(getattr(m, n, None) for m in inputs.mods for n in ("bias", "slopes"))]
+    return [inputs.q, inputs.k, inputs.v, *(t for t in extra if isinstance(t, Tensor))]
+
+
+class _RerunGrad(torch.autograd.Function):
+    """Forward on a backend without an autograd graph (flex on CPU); backward reruns the same call on the
+    best other backend under autograd and takes its gradients (one extra forward: a recompute)."""
+
+    @staticmethod
+    def forward(fctx, chosen, inputs, *tensors):
+        q, k, v = (t.detach() for t in tensors[:3])
+        with torch.no_grad():
+            out, lse = chosen.forward(dataclasses.replace(inputs, q=q, k=k, v=v))
+        fctx.inputs, fctx.excluded = inputs, chosen.name
+        fctx.save_for_backward(*tensors[:3])
+        if lse is not None:
+            fctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(fctx, dout, _dlse):
+        saved = fctx.saved_tensors
+        leaves = [t.detach().requires_grad_(t.requires_grad) for t in saved]
+        extra = _grad_leaves(fctx.inputs)[3:]
+        with torch.enable_grad():
+            inputs = dataclasses.replace(fctx.inputs, q=leaves[0], k=leaves[1], v=leaves[2])
+            other = _dispatch.select(inputs, "auto", exclude=frozenset({fctx.excluded}))
+            run = inputs.kernel_layout()[0] if other.dense_rows else inputs
+            out, _ = other.forward(run)
+            wrt = [t for t in (*leaves, *extra) if t.requires_grad]
+            got = iter(torch.autograd.grad(out, wrt, dout, allow_unused=True))
+        grads = [next(got) if t.requires_grad else None for t in (*leaves, *extra)]
+        return (None, None, *grads)
+
+
+def _forward_then_rerun(chosen, inputs: AttentionInputs) -> tuple[Tensor, Tensor | None]:
+    out, lse = _RerunGrad.apply(chosen, inputs, *_grad_leaves(inputs))
+    return out, lse
+
+
+def compile_for(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: MaskArg = None,
+    score_mod: ModArg = None,
+    similarity: str = "dot",
+    scale: float | None = None,
+    sinks: Tensor | None = None,
+    return_lse: bool = False,
+) -> dict[str, Any]:
+    """Compile the 'flex' kernel for calls shaped like this one, so backend="auto" may use it.
+
+    Runs the call once on 'flex' (compiling its kernel for this structure: device, dtype, head dims,
+    heads, the mask's and modifiers' kinds, similarity, scale; with gradients too when q, k or v
+    require grad), then auto uses that kernel wherever it ranks fastest, for any sequence length or batch
+    of the same structure (dynamic shapes; a recompile is counted and warned about). Returns the
+    kernel's counters: compiles, recompiles, calls, compile_seconds. Raises NoBackendError (with the
+    reasons) when 'flex' cannot run such calls.
+    """
+    from .backends.flex import _KERNELS, _structure
+
+    inputs = _validate(q, k, v, mask, score_mod, similarity, scale, sinks, 0.0, return_lse, "flex", None)
+    if inputs.empty:
+        raise ValueError(f"compile_for: an empty problem ({inputs.describe()}) has no kernel to compile")
+    _dispatch.select(inputs, "flex")  # raises with the reasons when flex cannot run it
+    out = attention(
+        q,
+        k,
+        v,
+        mask=mask,
+        score_mod=score_mod,
+        similarity=similarity,
+        scale=scale,
+        sinks=sinks,
+        return_lse=return_lse,
+        backend="flex",
+    )
+    if inputs.requires_grad and inputs.device.type != "cpu":  # compile the backward kernel too
+        o = out[0] if isinstance(out, tuple) else out
+        torch.autograd.grad(o.float().sum(), [t for t in (q, k, v) if t.requires_grad])
+    st = _KERNELS[_structure(inputs)]
+    return {
+        "compiles": st.compiles,
+        "recompiles": st.recompiles,
+        "calls": st.calls,
+        "compile_seconds": round(st.compile_seconds, 3),
+    }
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import masks as M
 
-__all__ = ["Lowered", "block_mask", "lower", "row_intervals"]
+__all__ = ["Lowered", "block_mask", "interval_columns", "interval_mask_mod", "lower", "row_intervals"]
 
 BLOCK = 128  # FlexAttention's default sparse block (_DEFAULT_SPARSE_BLOCK_SIZE)
 
@@ -219,7 +219,7 @@ class Lowered:
     def mask_mod(self) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
         """FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` of this mask."""
         if self.lo is not None:
-            return interval_mask_mod(self.lo, self.hi)
+            return interval_mask_mod(*interval_columns(self.lo, self.hi), row_stride(self.lo))
         assert self.mask is not None
         mask, ctx = self.mask, self.ctx
         if isinstance(mask, M.dense):
@@ -262,17 +262,42 @@ class Lowered:
         return out[..., :nK]
 
 
-def interval_mask_mod(lo: Tensor, hi: Tensor) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
-    """``mask_mod`` keeping kv_idx in [lo, hi) of some column of row (b, q_idx); lo/hi (Bm, m, Sq)."""
-    per_batch, m = lo.shape[0] != 1, lo.shape[1]
-    if not per_batch:
-        lo, hi = lo[0], hi[0]
+def interval_columns(lo: Tensor, hi: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """lo/hi (Bm, m, Sq) as m contiguous 1-D tensors each, of Bm·Sq entries (row b·Sq + i): what the
+    generic mask_mod indexes with scalars (a compiled kernel takes them as plain 1-D inputs: torch
+    2.13's CPU Flex template miscompiles later kernels after one that indexes a 2-D table)."""
+    # One spare entry: a table's length then never equals Sq or Sk, so under dynamic shapes it gets a
+    # size symbol of its own (torch 2.13's CPU Flex template miscompiles a mask_mod indexing a table
+    # whose length shares the query or key length's symbol, once another kernel was compiled before).
+    pad = lo.new_zeros(1)
+    los = tuple(torch.cat([lo[:, c].reshape(-1), pad]) for c in range(lo.shape[1]))
+    his = tuple(torch.cat([hi[:, c].reshape(-1), pad]) for c in range(hi.shape[1]))
+    return los, his
+
+
+def row_stride(lo: Tensor) -> Tensor:
+    """The ``stride`` interval_mask_mod needs for row tables lo (Bm, m, Sq): 0 when Bm = 1 (every batch
+    element reads row i), Sq otherwise. Always a tensor: one kernel shape for shared and per-batch rows
+    (torch 2.13's CPU Flex template miscompiles a kernel whose table indexing differs from one compiled
+    before it in the same process)."""
+    return torch.tensor(0 if lo.shape[0] == 1 else lo.shape[2], device=lo.device)
+
+
+def interval_mask_mod(
+    los: tuple[Tensor, ...], his: tuple[Tensor, ...], stride: Tensor
+) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
+    """``mask_mod`` keeping kv_idx in [lo, hi) of some column of row (b, q_idx) (see interval_columns).
+
+    ``stride``: a 0-d int64 tensor: batch element b's rows start at b·stride (0: shared rows). A tensor,
+    not an int: a size symbol inside a mask_mod also trips torch 2.13's CPU template.
+    """
 
     def mask_mod(b, h, q_idx, kv_idx):
-        rl, rh = (lo[b, :, q_idx], hi[b, :, q_idx]) if per_batch else (lo[:, q_idx], hi[:, q_idx])
-        keep = (kv_idx >= rl[0]) & (kv_idx < rh[0])
-        for c in range(1, m):
-            keep = keep | ((kv_idx >= rl[c]) & (kv_idx < rh[c]))
+        row = b * stride + q_idx
+        keep = None
+        for lc, hc in zip(los, his):
+            one = (kv_idx >= lc[row]) & (kv_idx < hc[row])
+            keep = one if keep is None else keep | one
         return keep
 
     return mask_mod
@@ -386,16 +411,16 @@ def _two_runs(a, b, fa, fb, has_full, cols) -> tuple[Tensor, Tensor, Tensor, Ten
     return tuple(out)  # type: ignore[return-value]
 
 
-def _compact(Bm: int, rows: int, width: int, cols: int, device) -> Tensor:
-    """A (Bm, 1, rows, cols) int32 index tensor that stores only ``width`` columns per row.
+def _compact(Bm: int, rows: int, width: int, cols: int, device, Hm: int = 1) -> Tensor:
+    """A (Bm, Hm, rows, cols) int32 index tensor that stores only ``width`` columns per row.
 
     Flex reads a row's first ``num`` entries only (the rest are "undefined" in the BlockMask format), so
     the rows overlap: row r's entries past ``width`` are row r + 1's first ones, which are valid block
     indices as well. Memory O(rows · width), not O(rows · cols): a 4K window at N = 1M keeps 8192 × 33
     entries instead of 8192² (256 MiB per tensor); and no page of a fresh N²/block² buffer is touched.
     """
-    storage = torch.zeros(Bm * rows * width + cols, dtype=torch.int32, device=device)
-    return storage.as_strided((Bm, 1, rows, cols), (rows * width, rows * width, width, 1))
+    storage = torch.zeros(Bm * Hm * rows * width + cols, dtype=torch.int32, device=device)
+    return storage.as_strided((Bm, Hm, rows, cols), (Hm * rows * width, rows * width, width, 1))
 
 
 def _classes_by_evaluation(mask: M.Mask, ctx: M.MaskContext, bq: int, bk: int) -> tuple[Tensor, Tensor]:
@@ -416,8 +441,40 @@ def _classes_by_evaluation(mask: M.Mask, ctx: M.MaskContext, bq: int, bk: int) -
     return any_ & ~all_, all_
 
 
-def lower(mask: M.Mask | None, ctx: M.MaskContext, block: int | tuple[int, int] = BLOCK) -> Lowered:
-    """Lower ``mask`` (None = keep everything) for a problem of size ``ctx`` to Flex block metadata."""
+def _compact_rows(nums: Tensor, idx: Tensor, min_rows: int, for_kernel: bool) -> tuple[Tensor, Tensor]:
+    """(nums, idx) in the compact layout of _compact, with at least min_rows rows (extra rows keep no
+    block).
+
+    for_kernel: one layout for every mask and length, so a compiled kernel sees one stride pattern: the
+    stored width is >= 2 and below the column count (a spare column, never read, where needed):
+    torch.compile specializes strides of 1 and guards on contiguity, so a contiguous table after a
+    compact one would recompile. Otherwise the table keeps the block grid's exact shape.
+    """
+    Bm, Hm, R, C = idx.shape
+    width = min(C, int(nums.max()) + 1 if nums.numel() else 1)
+    if for_kernel:
+        width = max(2, width)
+    R2, C2 = max(R, min_rows), max(C, width + 1) if for_kernel else C
+    out = _compact(Bm, R2, width, C2, idx.device, Hm)
+    w = min(width, C)
+    out[:, :, :R, :w] = idx[..., :w]
+    if R2 == R:
+        return nums, out
+    padded = torch.zeros((Bm, Hm, R2), dtype=nums.dtype, device=nums.device)
+    padded[..., :R] = nums
+    return padded, out
+
+
+def lower(
+    mask: M.Mask | None, ctx: M.MaskContext, block: int | tuple[int, int] = BLOCK, for_kernel: bool = False
+) -> Lowered:
+    """Lower ``mask`` (None = keep everything) for a problem of size ``ctx`` to Flex block metadata.
+
+    ``for_kernel``: the layout attnopt's compiled kernels take (the same for every length, so nothing
+    recompiles): at least 2 query and key blocks (the extras keep nothing; torch.compile specializes
+    tables of one row) and a stored width below the column count (see _compact_rows). Otherwise the
+    tables have the block grid's exact shape, as ``create_block_mask`` makes them.
+    """
     bq, bk = (block, block) if isinstance(block, int) else block
     if bq < 1 or bk < 1:
         raise ValueError(f"block={block!r}; allowed: positive ints (FlexAttention uses 128)")
@@ -431,18 +488,32 @@ def lower(mask: M.Mask | None, ctx: M.MaskContext, block: int | tuple[int, int] 
         lo, hi = rows
         band = _band(lo, hi, Sq, Sk, bq, bk, mask is None or type(mask) in _BAND_LEAVES)
         if band is not None:
-            return Lowered(Sq, Sk, (bq, bk), *band, lo, hi, mask, ctx, "band")
+            return Lowered(Sq, Sk, (bq, bk), *_pad_all(band, for_kernel), lo, hi, mask, ctx, "band")
         partial, full = (t[:, None] for t in _classes_by_intervals(lo, hi, Sq, Sk, bq, bk))
         path = "intervals"
     else:
         partial, full = _classes_by_evaluation(mask, ctx, bq, bk)  # type: ignore[arg-type]
         lo = hi = None
         path = "evaluated"
-    kvn, kvi = _ordered(partial)
-    fkvn, fkvi = _ordered(full)
-    qn, qi = _ordered(partial.transpose(-1, -2))
-    fqn, fqi = _ordered(full.transpose(-1, -2))
-    return Lowered(Sq, Sk, (bq, bk), kvn, kvi, fkvn, fkvi, qn, qi, fqn, fqi, lo, hi, mask, ctx, path)
+    meta = (
+        *_ordered(partial),
+        *_ordered(full),
+        *_ordered(partial.transpose(-1, -2)),
+        *_ordered(full.transpose(-1, -2)),
+    )
+    return Lowered(Sq, Sk, (bq, bk), *_pad_all(meta, for_kernel), lo, hi, mask, ctx, path)
+
+
+def _pad_all(meta: tuple, for_kernel: bool) -> tuple:
+    """The 8 tables in the compact layout (see _compact_rows)."""
+    kvn, kvi, fkvn, fkvi, qn, qi, fqn, fqi = meta
+    rows = 2 if for_kernel else 1
+    return (
+        *_compact_rows(kvn, kvi, rows, for_kernel),
+        *_compact_rows(fkvn, fkvi, rows, for_kernel),
+        *_compact_rows(qn, qi, rows, for_kernel),
+        *_compact_rows(fqn, fqi, rows, for_kernel),
+    )
 
 
 def block_mask(

@@ -67,6 +67,11 @@ class Backend:
             )
         return r
 
+    def native_backward(self, inputs: AttentionInputs) -> bool:
+        """False: forward() returns no autograd graph for these inputs; attention() then reruns the call
+        on the other backends in backward (a recompute, as FlashAttention's backward recomputes P)."""
+        return True
+
     def rank(self, inputs: AttentionInputs) -> float:
         """Expected cost class for `inputs` (lower runs first); backends override with measured heuristics."""
         raise NotImplementedError
@@ -126,13 +131,19 @@ FUSED_SCORE_LIMIT = 2.0**11
 
 
 def fused_data_reasons(
-    inputs: AttentionInputs, *, masks: bool, merges: bool, cleans_key_only: bool = False
+    inputs: AttentionInputs,
+    *,
+    masks: bool,
+    merges: bool,
+    cleans_key_only: bool = False,
+    own_backward: bool = True,
 ) -> list[str]:
     """Data a fused kernel would get wrong (reads the data: one sum / norm pass, only when it matters).
 
     masks: the kernel call hides some scores (a mask or a bias). merges: the backend merges partial
     results by their LSE (then huge scores matter without gradients too). cleans_key_only: the backend
-    zeroes masked-out keys itself when the mask is a key-only one.
+    zeroes masked-out keys itself when the mask is a key-only one. own_backward: the kernel's LSE carries
+    the gradients (False: they come from a rerun on another backend, which checks for itself).
     """
     r = []
     key_only = inputs.mask is not None and inputs.mask.key_only and not inputs.mods
@@ -141,7 +152,7 @@ def fused_data_reasons(
             "q, k or v hold NaN/inf and the mask hides some scores: a fused kernel weighs masked-out values "
             "by 0 and 0·NaN = NaN (blockwise skips them exactly)"
         )
-    if (merges or inputs.requires_grad) and inputs.score_bound > FUSED_SCORE_LIMIT:
+    if (merges or (inputs.requires_grad and own_backward)) and inputs.score_bound > FUSED_SCORE_LIMIT:
         r.append(
             f"scores reach {inputs.score_bound:.3g} > {FUSED_SCORE_LIMIT:g}: the fused kernel's float32 LSE "
             f"cannot hold log(Sk) next to such a row max, so its "

@@ -1,0 +1,159 @@
+"""The 'flex' backend: compiled FlexAttention on attnopt's lowered masks.
+
+Compiles are counted per structure: a new sequence length or batch size reuses the kernel, a recompile
+is counted and warned about, auto never compiles on the call path, explain() says whether the kernel is
+warm, and what Flex cannot do on this device is refused with the reason (numerics: test_attention's grid).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import attnopt as ao
+from attnopt import _dispatch
+from attnopt import mods as am
+from attnopt.backends import flex as F
+
+pytestmark = pytest.mark.skipif(not F.FlexBackend.is_available(), reason="flex needs a C++ compiler")
+
+
+def _qkv(B, Sq, Sk, Hq=4, Hkv=2, D=32, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(B, Hq, Sq, D, generator=g).to(dtype),
+        torch.randn(B, Hkv, Sk, D, generator=g).to(dtype),
+        torch.randn(B, Hkv, Sk, D, generator=g).to(dtype),
+    )
+
+
+def _stats(q, k, v, **kw) -> F.KernelStats:
+    inputs = ao.api.validate(q, k, v, **kw, backends=list(_dispatch.BACKENDS))
+    return F.stats()[F._structure(inputs)]
+
+
+def _oracle(q, k, v, **kw):
+    return ao.attention(q.double(), k.double(), v.double(), backend="reference", **kw)
+
+
+@pytest.mark.parametrize(
+    "make_mask",
+    [
+        lambda Sq, Sk, B: ao.causal(),
+        lambda Sq, Sk, B: ao.document([0, Sq // 3, Sq // 3, Sq], [0, Sk // 2, Sk // 2, Sk]) & ao.causal(),
+        lambda Sq, Sk, B: ao.padding(torch.tensor([Sk, Sk // 2])[:B]) & ao.sliding_window(37),
+    ],
+    ids=["causal", "documents_causal", "padding_window"],
+)
+def test_no_recompile_across_sequence_lengths(make_mask):
+    """Five sequence lengths (and Sq != Sk): one compile, counted; every result exact."""
+    seen = []
+    for n, S in enumerate([200, 333, 128, 517, 260]):
+        Sk = S + (n % 2) * 40
+        q, k, v = _qkv(2, S, Sk, seed=n)
+        kw = {"mask": make_mask(S, Sk, 2), "score_mod": am.softcap(30.0)}
+        out = ao.attention(q, k, v, backend="flex", **kw)
+        torch.testing.assert_close(out.double(), _oracle(q, k, v, **kw), atol=2e-5, rtol=0)
+        seen.append(_stats(q, k, v, **kw))
+    st = seen[-1]
+    assert all(s is st for s in seen), "one structure for every length"
+    assert st.compiles == 1 and st.recompiles == 0 and st.calls >= 5
+
+
+def test_recompile_is_counted_and_warned():
+    """torch.compile specializes sizes 0 and 1: batch 1 after batch 2 recompiles, and says so."""
+    kw = {"mask": ao.sliding_window(5, 5)}
+    ao.attention(*_qkv(2, 150, 150, Hq=3, Hkv=3), backend="flex", **kw)
+    q, k, v = _qkv(1, 150, 150, Hq=3, Hkv=3)
+    with pytest.warns(UserWarning, match="recompiled the kernel"):
+        out = ao.attention(q, k, v, backend="flex", **kw)
+    torch.testing.assert_close(out.double(), _oracle(q, k, v, **kw), atol=2e-5, rtol=0)
+    st = _stats(q, k, v, **kw)
+    assert st.compiles == 2 and st.recompiles == 1
+    assert "1 recompile," in ao.explain(q, k, v, backend="flex", **kw)
+
+
+def test_auto_uses_flex_only_when_warm():
+    """A cold structure is never compiled by auto; compile_for warms it and auto then takes it where it
+    ranks first (softcap: flex instead of the PyTorch-tiled blockwise)."""
+    q, k, v = _qkv(1, 300, 300, Hq=2, Hkv=1, D=24)
+    kw = {"mask": ao.causal(), "score_mod": am.softcap(20.0)}
+    text = ao.explain(q, k, v, **kw)
+    assert "-> runs on 'blockwise'" in text and "kernel cold" in text
+    before = {key: s.compiles for key, s in F.stats().items()}
+    ao.attention(q, k, v, **kw)
+    assert {key: s.compiles for key, s in F.stats().items()} == before, "auto compiled on the call path"
+    info = ao.compile_for(q, k, v, **kw)
+    assert info["compiles"] == 1 and info["compile_seconds"] > 0
+    q2, k2, v2 = _qkv(1, 411, 411, Hq=2, Hkv=1, D=24, seed=3)  # another length: the same kernel
+    text = ao.explain(q2, k2, v2, **kw)
+    assert "-> runs on 'flex'" in text and "kernel warm (1 compile, 0 recompiles" in text
+    out = ao.attention(q2, k2, v2, **kw)
+    torch.testing.assert_close(out.double(), _oracle(q2, k2, v2, **kw), atol=2e-5, rtol=0)
+    assert _stats(q2, k2, v2, **kw).compiles == 1
+
+
+def test_cpu_gradients_come_from_an_exact_rerun():
+    """Flex has no CPU backward: forward on flex, gradients from the same call on another backend."""
+    q, k, v = (t.requires_grad_(True) for t in _qkv(2, 130, 150, Hq=2, Hkv=2, D=16))
+    bias = torch.randn(1, 2, 130, 150, requires_grad=True)
+    kw = {"mask": ao.causal(), "score_mod": am.bias(bias)}
+    out = ao.attention(q, k, v, backend="flex", **kw)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, bias), g)
+    want = torch.autograd.grad(ao.attention(q, k, v, backend="blockwise", **kw), (q, k, v, bias), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [
+        ({"return_lse": True}, "return_lse=True on CPU"),
+        ({"sinks": torch.zeros(4)}, "sinks on CPU"),
+        ({"dropout_p": 0.1}, "dropout_p=0.1 is not supported"),
+        ({"mask": ao.causal() & ao.dense(torch.ones(1, 1, 64, 64, dtype=torch.bool))}, "not a mix"),
+    ],
+)
+def test_refusals_name_the_reason(kwargs, reason):
+    q, k, v = _qkv(1, 64, 64)
+    with pytest.raises(NotImplementedError, match=reason):
+        ao.attention(q, k, v, backend="flex", **kwargs)
+    assert reason in ao.explain(q, k, v, **kwargs)
+    with pytest.raises(NotImplementedError, match="float64"):
+        ao.attention(*(t.double() for t in (q, k, v)), backend="flex")
+
+
+def test_structure_near_the_recompile_limit_is_refused():
+    """Past torch's recompile limit Dynamo would run Flex eagerly over all Sq·Sk scores: refused first."""
+    q, k, v = _qkv(1, 100, 100, Hq=1, Hkv=1, D=8)
+    kw = {"mask": ao.prefix_lm(20)}
+    ao.attention(q, k, v, backend="flex", **kw)
+    st = _stats(q, k, v, **kw)
+    saved = st.compiles
+    try:
+        st.compiles = F._recompile_limit() - 1
+        with pytest.raises(NotImplementedError, match="recompile limit"):
+            ao.attention(q, k, v, backend="flex", **kw)
+        assert ao.explain(q, k, v, **kw).count("recompile limit") == 1
+        assert (
+            _dispatch.select(ao.api.validate(q, k, v, **kw, backends=list(_dispatch.BACKENDS))).name != "flex"
+        )
+    finally:
+        st.compiles = saved
+
+
+def test_fully_masked_rows_and_empty_documents():
+    """Rows with no key (padding 0, a document with no keys) give 0, as on every backend."""
+    q, k, v = _qkv(2, 140, 140)
+    kw = {"mask": ao.padding(torch.tensor([0, 140])) & ao.causal()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no recompile
+        out = ao.attention(q, k, v, backend="flex", **kw)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    torch.testing.assert_close(out.double(), _oracle(q, k, v, **kw), atol=2e-5, rtol=0)
+    kw = {"mask": ao.document_causal([0, 70, 70, 140], [0, 100, 100, 140])}
+    out = ao.attention(q, k, v, backend="flex", **kw)
+    torch.testing.assert_close(out.double(), _oracle(q, k, v, **kw), atol=2e-5, rtol=0)
