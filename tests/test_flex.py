@@ -93,6 +93,12 @@ def test_auto_uses_flex_only_when_warm():
     out = ao.attention(q2, k2, v2, **kw)
     torch.testing.assert_close(out.double(), _oracle(q2, k2, v2, **kw), atol=2e-5, rtol=0)
     assert _stats(q2, k2, v2, **kw).compiles == 1
+    # batch 2 after batch 1: torch.compile specialized the batch of 1, so auto leaves this call alone
+    q3, k3, v3 = _qkv(2, 100, 100, Hq=2, Hkv=1, D=24, seed=4)
+    text = ao.explain(q3, k3, v3, **kw)
+    assert "-> runs on 'blockwise'" in text and "not for this call's sizes of 1" in text
+    ao.attention(q3, k3, v3, **kw)
+    assert _stats(q3, k3, v3, **kw).compiles == 1
 
 
 def test_cpu_gradients_come_from_an_exact_rerun():

@@ -346,7 +346,14 @@ _BAND_LEAVES = (M.causal, M.sliding_window, M.prefix_lm, M.padding, M.left_paddi
 
 
 def _band(
-    lo: Tensor, hi: Tensor, Sq: int, Sk: int, bq: int, bk: int, by_construction: bool = False
+    lo: Tensor,
+    hi: Tensor,
+    Sq: int,
+    Sk: int,
+    bq: int,
+    bk: int,
+    by_construction: bool = False,
+    for_kernel: bool = False,
 ) -> tuple[Tensor, ...] | None:
     """The 8 metadata tensors straight from a band (every row keeps one non-empty interval, both ends
     non-decreasing down the rows, consecutive rows' intervals overlapping or touching); None otherwise.
@@ -376,7 +383,7 @@ def _band(
     a, b = lo[:, first] // bk, _cdiv(hi[:, last], bk)
     fa, fb = _cdiv(lo[:, last], bk), hi[:, first] // bk
     has_full = whole_q & (fb > fa)
-    kv = _two_runs(a, b, fa, fb, has_full, nK)
+    kv = _two_runs(a, b, fa, fb, has_full, nK, for_kernel)
 
     k0 = torch.arange(nK, device=dev) * bk
     k1 = torch.clamp(k0 + bk, max=Sk)
@@ -389,24 +396,26 @@ def _band(
     qa, qb = r0 // bq, torch.where(r1 > r0, _cdiv(r1, bq), r0 // bq)
     qfa, qfb = _cdiv(c0, bq), c1 // bq
     q_has_full = whole_k & (qfb > qfa) & (c1 > c0)
-    q = _two_runs(qa, qb, qfa, qfb, q_has_full, nQ)
+    q = _two_runs(qa, qb, qfa, qfb, q_has_full, nQ, for_kernel)
     return (*kv, *q)
 
 
-def _two_runs(a, b, fa, fb, has_full, cols) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _two_runs(a, b, fa, fb, has_full, cols, for_kernel) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Rows keeping blocks [a, b), of which [fa, fb) FULL where has_full: (num, idx, full_num, full_idx),
-    each (Bm, 1, rows[, cols]); only the first max(num) + 1 index columns are written (the rest: 0)."""
+    each (Bm, 1, rows[, cols]) in the layout of _compact_rows (only max(num) + 1 columns stored)."""
     fa, fb = torch.where(has_full, fa, b), torch.where(has_full, fb, b)
     n1, n2 = (fa - a).clamp(min=0), (b - fb).clamp(min=0)
     num, fnum = n1 + n2, (fb - fa).clamp(min=0)
-    width = min(cols, int(torch.stack([num.max(), fnum.max()]).max()) + 1) if num.numel() else 0
+    most = int(torch.maximum(num.max(), fnum.max())) if num.numel() else 0
+    width = max(2 if for_kernel else 1, min(cols, most + 1))
+    stored_cols = max(cols, width + 1) if for_kernel else cols
     c = torch.arange(width, device=a.device)
     part = torch.where(c < n1[..., None], a[..., None] + c, fb[..., None] + c - n1[..., None])
     full = fa[..., None] + c
     out = []
     for n, idx in ((num, part), (fnum, full)):
-        t = _compact(n.shape[0], n.shape[1], width, cols, a.device)
-        t[..., :width] = torch.where(c < n[..., None], idx, 0)[:, None]
+        t = _compact(n.shape[0], n.shape[1], width, stored_cols, a.device)
+        t[..., :width] = torch.where(c < n[..., None], idx, 0).clamp(max=cols - 1)[:, None]
         out += [n.to(torch.int32)[:, None], t]
     return tuple(out)  # type: ignore[return-value]
 
@@ -486,9 +495,11 @@ def lower(
         rows = row_intervals(mask, ctx)
     if rows is not None:
         lo, hi = rows
-        band = _band(lo, hi, Sq, Sk, bq, bk, mask is None or type(mask) in _BAND_LEAVES)
+        band = _band(lo, hi, Sq, Sk, bq, bk, mask is None or type(mask) in _BAND_LEAVES, for_kernel)
         if band is not None:
-            return Lowered(Sq, Sk, (bq, bk), *_pad_all(band, for_kernel), lo, hi, mask, ctx, "band")
+            if for_kernel and min(_cdiv(Sq, bq), _cdiv(Sk, bk)) < 2:
+                band = _pad_all(band, for_kernel)
+            return Lowered(Sq, Sk, (bq, bk), *band, lo, hi, mask, ctx, "band")
         partial, full = (t[:, None] for t in _classes_by_intervals(lo, hi, Sq, Sk, bq, bk))
         path = "intervals"
     else:

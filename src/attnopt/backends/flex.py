@@ -48,6 +48,8 @@ class KernelStats:
     compile_seconds: float = 0.0
     failed: str | None = None
     fn: Callable[..., Any] | None = field(default=None, repr=False)
+    # the size-1 patterns that ran (see _signature): auto takes a call only if its pattern is among them
+    signatures: set = field(default_factory=set, repr=False)
 
     @property
     def recompiles(self) -> int:
@@ -353,8 +355,23 @@ def _counting_backend(stats: KernelStats) -> Callable:
 # Tensor arguments of one call.
 
 
+def _signature(inputs: AttentionInputs) -> tuple:
+    """What torch.compile specializes on within one structure: which sizes are 1 (batch, lengths, the
+    broadcast dims of a bias or dense mask, per-batch length tables)."""
+    shapes = [inputs.q.shape, inputs.k.shape]
+    shapes += [m.bias.shape for m in inputs.mods if isinstance(m, Mods.bias)]
+    shapes += [leaf.mask.shape for leaf in _leaves(inputs.mask) if isinstance(leaf, M.dense)]
+    return tuple(tuple(n == 1 for n in s) + (len(s),) for s in shapes)
+
+
+def _leaves(mask: M.Mask | None) -> list[M.Mask]:
+    return [] if mask is None else mask.leaves()
+
+
 def _args(inputs: AttentionInputs, low: Lowered | None):
-    q, k, v = inputs.q, inputs.k, inputs.v
+    # one memory layout whatever the caller's strides (a transposed view, HF's (B, S, H, D) layout):
+    # a new stride pattern would recompile the kernel
+    q, k, v = (t.contiguous() for t in (inputs.q, inputs.k, inputs.v))
     if inputs.similarity == "cosine":
         q, k = unit_qk(q, k)
     norms: tuple = ()
@@ -452,8 +469,10 @@ class FlexBackend(Backend):
         return inputs.device.type != "cpu"
 
     def warm(self, inputs: AttentionInputs) -> bool:
+        """A compiled kernel exists for this structure *and* this call's size-1 pattern ran on it (a
+        new pattern would recompile: torch.compile specializes sizes of 1)."""
         st = _KERNELS.get(_structure(inputs))
-        return st is not None and st.warm
+        return st is not None and st.warm and _signature(inputs) in st.signatures
 
     def rank(self, inputs: AttentionInputs) -> float:
         if not self.warm(inputs):
@@ -465,15 +484,23 @@ class FlexBackend(Backend):
     def plan(self, inputs: AttentionInputs) -> str:
         low = self._lower(inputs)
         st = _KERNELS.get(_structure(inputs))
-        if st is None:
-            kernel = "kernel cold: compiles on the first pinned call or attnopt.compile_for(...) (auto waits for it)"
-        elif st.failed:
+        cold = "compiles on the first pinned call or attnopt.compile_for(...); auto does not wait for it"
+        if st is not None and st.failed:
             kernel = f"kernel failed: {st.failed}"
+        elif st is None or not st.warm:
+            kernel = f"kernel cold: {cold}"
         else:
-            kernel = (
-                f"kernel warm ({st.compiles} compile{'s' if st.compiles != 1 else ''}, {st.recompiles} "
-                f"recompile{'s' if st.recompiles != 1 else ''}, {st.calls} calls)"
+            counts = (
+                f"{st.compiles} compile{'s' if st.compiles != 1 else ''}, {st.recompiles} "
+                f"recompile{'s' if st.recompiles != 1 else ''}, {st.calls} calls"
             )
+            if self.warm(inputs):
+                kernel = f"kernel warm ({counts})"
+            else:
+                kernel = (
+                    f"kernel compiled ({counts}) but not for this call's sizes of 1 (batch, lengths or "
+                    f"broadcast dims), which torch.compile specializes: it {cold}"
+                )
         how = "no mask"
         if low is not None:
             kept = int(low.kv_num_blocks.sum()) + int(low.full_kv_num_blocks.sum())
@@ -528,6 +555,7 @@ class FlexBackend(Backend):
                     stacklevel=3,
                 )
         st.calls += 1
+        st.signatures.add(_signature(inputs))
         out, lse = res if isinstance(res, tuple) else (res, None)
         if inputs.sinks is not None:
             assert lse is not None
