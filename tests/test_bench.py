@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import attnopt as ao
 from attnopt.bench import goals, measure
 from attnopt.bench.probe import run_probe
 from attnopt.cli import main
@@ -69,3 +70,27 @@ def test_first_call_probe_runs_in_a_fresh_process():
         {"kind": "first_call", "preset": "causal", "N": 64, "dtype": "fp32", "threads": 1, "budget": 1 << 30}
     )
     assert res["first_s"] > 0 and res["second_s"] > 0, res
+
+
+def test_attnopt_flex_peer_and_extra_preset_on_cpu(capsys, keep_threads):
+    """The GPU plumbing at a tiny CPU size: attnopt pinned to flex (compiled in setup), --device, and a
+    preset outside the default set (window_4096) that runs only when named."""
+    if "flex" not in ao.available_backends():
+        pytest.skip("attnopt's flex backend is not available here (no C++ compiler for Flex's CPU kernels)")
+    args = ["bench", "--preset", "window_4096", "--n", "256", "--repeats", "1", "--device", "cpu"]
+    assert main([*args, "--peer", "attnopt-flex", "--peer", "sdpa"]) == 0
+    data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    by_peer = {r["peer"]: r for r in data["results"]}
+    assert set(by_peer) == {"attnopt", "attnopt-flex", "sdpa"}
+    flex = by_peer["attnopt-flex"]
+    assert flex["status"] == "ok", flex
+    assert flex["backend"] == "flex" and flex["compile_s"] >= 0 and flex["block_mask_s"] >= 0
+    assert flex["max_abs_diff_vs_attnopt"] <= 1e-4 and "mismatch" not in flex
+    assert by_peer["sdpa"]["how"] == "dense bool mask" and "device" not in data["env"]
+    assert "window_4096" not in goals.PRESETS  # the default set and the goals are unchanged
+
+
+def test_device_cuda_without_cuda_says_so(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        main(["bench", "--preset", "causal", "--n", "64", "--device", "cuda"])

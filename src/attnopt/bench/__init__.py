@@ -6,7 +6,8 @@ attnopt (peer time / attnopt time: > 1 means attnopt is faster), the peak memory
 ``attnopt.bench.measure``), a rich table, and a final JSON line on stdout. A peer that cannot run says
 ``n/a (reason)``. ``--goals`` runs the project's goal measurements and says met / missed for each.
 ``--plot DIR`` draws the results as charts after the run (``attnopt.bench.plots``); with ``--from JSON``
-it draws a saved run instead of measuring.
+it draws a saved run instead of measuring. ``--device cuda`` runs the preset grid on the GPU (peers
+sdpa, flex and attnopt-flex by default; see ``attnopt.bench.peers``).
 
 Benchmarks are never tests: timings on shared machines are noisy, so compare ratios from one run.
 """
@@ -32,8 +33,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--peer",
         action="append",
-        choices=("sdpa", "flex", "eager"),
-        help="peers besides attnopt (repeatable; default all; --quick leaves out flex)",
+        choices=("sdpa", "flex", "eager", "attnopt-flex"),
+        help="peers besides attnopt (repeatable; default on cpu: sdpa, flex, eager; on cuda: sdpa, flex, "
+        "attnopt-flex = attnopt pinned to its compiled flex backend; --quick leaves out the compiled ones)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the preset grid runs (default cpu; cuda: synchronized timings, attnopt warms its flex "
+        "kernel with compile_for first; not for --goals / --generation)",
     )
     p.add_argument(
         "--repeats", type=int, default=None, help="timed samples per measurement (default 5; --quick 3)"
@@ -149,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if getattr(args, "device", "cpu") != "cpu" and (args.generation or args.goals):
+        sys.exit("attnopt bench: --device cuda applies to the preset grid, not to --goals / --generation")
     if args.generation:
         from .generation import run_generation
 

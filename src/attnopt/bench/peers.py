@@ -4,12 +4,19 @@
 or forward + backward, plus notes) or raises ``NotApplicable(reason)``. Precomputed per-shape tensors
 (dense masks, biases, block masks) are built in setup, outside the timed call; their bytes are reported
 with the call's peak memory.
+
+``attnopt-flex`` is attnopt pinned to its compiled FlexAttention backend (``backend="flex"``), warmed by
+``attnopt.compile_for`` in setup. On CUDA every peer's call ends with ``torch.cuda.synchronize()`` (the
+timers are host clocks), the ``attnopt`` peer warms the flex kernel with ``compile_for`` first (so
+``backend="auto"`` may pick it), and ``cuda_peak_mib`` notes the device memory one call adds.
 """
 
 from __future__ import annotations
 
+import contextlib
+import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +30,7 @@ from attnopt.masks import MaskContext, tile_indices
 from .presets import Case
 
 GiB = 1 << 30
+MiB = 1 << 20
 
 
 class NotApplicable(Exception):
@@ -55,12 +63,21 @@ def _prepared(case: Case, fwd: Callable[[], Tensor], **kw) -> Prepared:
     return Prepared(call_bwd, fwd, **kw)
 
 
+def _ctx(case: Case) -> MaskContext:
+    return MaskContext(case.B, case.Hq, case.Sq, case.Sk, case.q.device)
+
+
+def _sync(case: Case) -> None:
+    if case.q.device.type == "cuda":
+        torch.cuda.synchronize(case.q.device)
+
+
 def _dense_mask(case: Case) -> Tensor | None:
     """The variant's mask as a bool tensor broadcastable to (B, Hq, Sq, Sk) (True = keep), or None."""
     var = case.variant
     if var.mask is None or var.keeps_all:
         return None
-    return var.mask.tile(0, case.Sq, 0, case.Sk, MaskContext(case.B, case.Hq, case.Sq, case.Sk))
+    return var.mask.tile(0, case.Sq, 0, case.Sk, _ctx(case))
 
 
 def _additive_mods(case: Case, what: str) -> list[mods.ScoreMod]:
@@ -74,7 +91,7 @@ def _additive_mods(case: Case, what: str) -> list[mods.ScoreMod]:
 
 def _bias(case: Case, additive: list[mods.ScoreMod], keep: Tensor | None) -> Tensor:
     """The additive modifiers as one float (1|B, Hq, Sq, Sk) tensor in q's dtype, -inf where masked."""
-    ctx = MaskContext(case.B, case.Hq, case.Sq, case.Sk)
+    ctx = _ctx(case)
     b, h, i, j = tile_indices(ctx, 0, case.Sq, 0, case.Sk)
     bias = torch.zeros((), dtype=torch.float32)
     for m in additive:
@@ -95,17 +112,76 @@ def _check_budget(what: str, need: int, budget: int) -> None:
         )
 
 
+@contextlib.contextmanager
+def _uncapped() -> Iterator[None]:
+    """Lift the runner's address-space cap (measure.memory_guard) while compiling: inductor's compile
+    workers are new processes that must not inherit it. The cap is put back afterwards."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _chosen(case: Case, kw: dict) -> str:
+    try:
+        inputs = attnopt.api.validate(case.q, case.k, case.v, **kw, backends=list(attnopt._dispatch.BACKENDS))
+        return attnopt._dispatch.select(inputs).name
+    except Exception as e:  # a private helper changed shape: still time the public call
+        return f"? ({type(e).__name__})"
+
+
+def _compile_flex(case: Case, kw: dict) -> dict:
+    """attnopt.compile_for on this case (with gradients when the case runs backward), timed; also times
+    attnopt's analytic block metadata for the mask (attnopt.blockmask.lower), which every call builds."""
+    from attnopt.blockmask import lower
+
+    t0 = time.perf_counter()
+    if case.variant.mask is not None:
+        lower(case.variant.mask, _ctx(case), for_kernel=True)
+        _sync(case)
+    block_mask_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with _uncapped():
+        attnopt.compile_for(case.q, case.k, case.v, **kw)
+    _sync(case)
+    return {"first_call_s": time.perf_counter() - t0, "block_mask_s": round(block_mask_s, 4)}
+
+
 def attnopt_peer(case: Case, budget: int) -> Prepared:
-    """attnopt.attention(backend="auto"); notes the backend auto picks."""
+    """attnopt.attention(backend="auto"); notes the backend auto picks. On CUDA, attnopt.compile_for
+    warms the flex kernel first (auto never compiles on the call path)."""
+    q, k, v, kw = case.q, case.k, case.v, case.attnopt_kwargs()
+    notes: dict = {}
+    if q.device.type == "cuda":
+        try:
+            notes = _compile_flex(case, kw)
+        except Exception as e:  # flex cannot run these inputs: auto runs without it
+            notes = {"flex": f"not warmed: {_first_line(e)}"}
+    notes["backend"] = _chosen(case, kw)
+    return _prepared(case, lambda: attnopt.attention(q, k, v, **kw, backend="auto"), notes=notes)
+
+
+def attnopt_flex_peer(case: Case, budget: int) -> Prepared:
+    """attnopt.attention(backend="flex"): compiled FlexAttention on attnopt's analytic block metadata,
+    compiled in setup by attnopt.compile_for (compile and metadata time noted apart)."""
     q, k, v, kw = case.q, case.k, case.v, case.attnopt_kwargs()
     try:
         inputs = attnopt.api.validate(q, k, v, **kw, backends=list(attnopt._dispatch.BACKENDS))
-        backend = attnopt._dispatch.select(inputs).name
-    except Exception as e:  # a private helper changed shape: still time the public call
-        backend = f"? ({type(e).__name__})"
-    return _prepared(
-        case, lambda: attnopt.attention(q, k, v, **kw, backend="auto"), notes={"backend": backend}
-    )
+        why = attnopt._dispatch.BACKENDS["flex"].not_supported_reasons(inputs)
+    except Exception as e:
+        why = [_first_line(e)]
+    if why:
+        raise NotApplicable("attnopt's flex backend declines: " + "; ".join(why))
+    try:
+        notes = _compile_flex(case, kw)
+    except Exception as e:  # compile or lowering failed on this machine
+        raise NotApplicable(_first_line(e)) from e
+    if q.device.type == "cpu" and case.mode == "fwdbwd":
+        notes["how"] = "CPU: Flex kernel forward, gradients by attnopt's exact rerun"
+    notes["backend"] = "flex"
+    return _prepared(case, lambda: attnopt.attention(q, k, v, **kw, backend="flex"), notes=notes)
 
 
 def sdpa_peer(case: Case, budget: int) -> Prepared:
@@ -186,16 +262,22 @@ def flex_peer(case: Case, budget: int) -> Prepared:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError as e:
         raise NotApplicable(_first_line(e)) from e
-    # A fresh dynamo cache per case: the compile time is honest, and the recompile limit (after which
-    # dynamo silently runs flex's unfused O(N²) path) is never reached.
-    torch._dynamo.reset()
+
+    # A code object of its own per case (not torch._dynamo.reset(), which would also drop attnopt's warm
+    # flex kernels): the compile time is honest, and the recompile limit (after which dynamo silently
+    # runs flex's unfused O(N²) path) is never reached.
+    def flex_fn(*args, **kwargs):
+        return flex_attention(*args, **kwargs)
+
+    flex_fn.__code__ = flex_fn.__code__.replace()
     try:
         t0 = time.perf_counter()
         bm = None
         if var.mask_mod is not None and not var.keeps_all:
             bm = create_block_mask(var.mask_mod, None, None, case.Sq, case.Sk, device=q.device)
+            _sync(case)
         block_mask_s = time.perf_counter() - t0
-        compiled = torch.compile(flex_attention, dynamic=False)
+        compiled = torch.compile(flex_fn, dynamic=False)
         kw = {
             "block_mask": bm,
             "score_mod": var.score_mod,
@@ -212,6 +294,7 @@ def flex_peer(case: Case, budget: int) -> Prepared:
 
         t0 = time.perf_counter()
         fwd()  # compiles
+        _sync(case)
         first_call_s = time.perf_counter() - t0
     except Exception as e:  # compile or lowering failed on this machine
         why = "sinks need flex's LSE (out · sigmoid(lse - sink)): " if case.sinks is not None else ""
@@ -221,9 +304,39 @@ def flex_peer(case: Case, budget: int) -> Prepared:
     return _prepared(case, fwd, aux_bytes=aux, notes=notes)
 
 
+def _on_device(peer: Callable[[Case, int], Prepared]) -> Callable[[Case, int], Prepared]:
+    """On CUDA: the timed call waits for the device (host timers), and one call's device memory is noted.
+    On the CPU the peer is returned as it is."""
+
+    def setup(case: Case, budget: int) -> Prepared:
+        prep = peer(case, budget)
+        if case.q.device.type != "cuda":
+            return prep
+        run, dev = prep.call, case.q.device
+
+        def call() -> None:
+            run()
+            torch.cuda.synchronize(dev)
+
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        call()
+        prep.notes["cuda_peak_mib"] = round((torch.cuda.max_memory_allocated(dev) - base) / MiB, 1)
+        prep.call = call
+        return prep
+
+    setup.__doc__ = peer.__doc__
+    return setup
+
+
 PEERS: dict[str, Callable[[Case, int], Prepared]] = {
-    "attnopt": attnopt_peer,
-    "sdpa": sdpa_peer,
-    "flex": flex_peer,
-    "eager": eager_peer,
+    name: _on_device(fn)
+    for name, fn in {
+        "attnopt": attnopt_peer,
+        "sdpa": sdpa_peer,
+        "flex": flex_peer,
+        "eager": eager_peer,
+        "attnopt-flex": attnopt_flex_peer,
+    }.items()
 }
