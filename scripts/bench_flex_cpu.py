@@ -6,8 +6,9 @@
    vs FlexAttention compiled with its own create_block_mask (goal: attnopt >= 1.2x faster).
 2. Metadata at N=128K: attnopt.blockmask.lower (+ BlockMask) vs create_block_mask(_compile=True), and
    the eager create_block_mask's memory need (it evaluates the mask over all N² positions at once).
-3. fp32 documents / prefix-LM / ALiBi (and softcap, where blockwise is today's only fused-free path)
-   at N=4096: every backend that runs it, warm, and what auto picks (goal: auto no slower than the best).
+3. fp32 documents / prefix-LM / ALiBi (and softcap, where blockwise is today's only fused-free path;
+   window and causal) at N=4096: every backend that runs it, warm, and what auto picks (goal: auto no
+   slower than the best). `--only variants_bf16`: the same in bf16 (not in the default run).
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ def window_goal(repeats: int) -> dict:
     return {
         "shape": f"B={B} H={H} N={N} D={D} bf16 window {W}",
         "ms": {n: round(x, 2) for n, x in ms.items()},
-        "speedup_vs_flex_cbm": {n: round(peer / x, 3) for n, x in ms.items() if n != "flex_create_block_mask"},
+        "speedup_vs_flex_cbm": {
+            n: round(peer / x, 3) for n, x in ms.items() if n != "flex_create_block_mask"
+        },
         "auto": chosen,
         "create_block_mask_ms": round(cbm_ms, 1),
         "compile_for": info,
@@ -80,7 +83,7 @@ def metadata_goal(repeats: int) -> dict:
     for name, mask in (("window_256", M.sliding_window(255)), ("causal", M.causal())):
         ctx = M.MaskContext(1, 8, N, N)
         out[f"attnopt_lower_ms_{name}"] = round(
-            median_ms(lambda: lower(mask, ctx).block_mask(), repeats * 3, warmup=2), 3
+            median_ms(lambda m=mask, c=ctx: lower(m, c).block_mask(), repeats * 3, warmup=2), 3
         )
     w = 256
 
@@ -91,21 +94,24 @@ def metadata_goal(repeats: int) -> dict:
     create_block_mask(mm, None, None, N, N, device="cpu", _compile=True)
     out["create_block_mask_compile_first_ms"] = round((time.perf_counter() - t) * 1e3, 1)
     out["create_block_mask_compile_ms"] = round(
-        median_ms(lambda: create_block_mask(mm, None, None, N, N, device="cpu", _compile=True), 3, warmup=0), 1
+        median_ms(lambda: create_block_mask(mm, None, None, N, N, device="cpu", _compile=True), 3, warmup=0),
+        1,
     )
     out["create_block_mask_eager_needs_GiB"] = round(N * N * 8 / 2**30, 1)  # int64 index grids of N²
     return out
 
 
-def variants_goal(repeats: int) -> dict:
+def variants_goal(repeats: int, dtype: torch.dtype = torch.float32) -> dict:
     B, H, N, D = 1, 8, 4096, 64
     g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(B, H, N, D, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(3))
     variants = {
         "documents": {"mask": M.document([0, N // 4, N // 2, 3 * N // 4, N]) & M.causal()},
         "prefix_lm": {"mask": M.prefix_lm(N // 4)},
         "alibi": {"mask": M.causal(), "score_mod": am.alibi(am.alibi_slopes(H))},
         "softcap": {"mask": M.causal(), "score_mod": am.softcap(30.0)},
+        "window_256": {"mask": M.sliding_window(255)},
+        "causal": {"mask": M.causal()},
     }
     out = {}
     for name, kw in variants.items():
@@ -113,10 +119,12 @@ def variants_goal(repeats: int) -> dict:
         row = {}
         for b in ("span", "flex", "blockwise", "sdpa"):
             try:
-                row[b] = round(median_ms(lambda b=b: ao.attention(q, k, v, backend=b, **kw), repeats), 1)
+                row[b] = round(
+                    median_ms(lambda b=b, kw=kw: ao.attention(q, k, v, backend=b, **kw), repeats), 1
+                )
             except NotImplementedError:
                 continue
-        row["auto"] = round(median_ms(lambda: ao.attention(q, k, v, **kw), repeats), 1)
+        row["auto"] = round(median_ms(lambda kw=kw: ao.attention(q, k, v, **kw), repeats), 1)
         best = min((x for n, x in row.items() if n != "auto"))
         out[name] = {
             "ms": row,
@@ -129,7 +137,7 @@ def variants_goal(repeats: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer repeats")
-    p.add_argument("--only", choices=["window", "metadata", "variants"], action="append")
+    p.add_argument("--only", choices=["window", "metadata", "variants", "variants_bf16"], action="append")
     a = p.parse_args()
     repeats = 3 if a.quick else 7
     only = a.only or ["window", "metadata", "variants"]
@@ -143,6 +151,9 @@ def main() -> None:
     if "variants" in only:
         res["variants_fp32_4096"] = variants_goal(repeats)
         print(json.dumps(res["variants_fp32_4096"], indent=1), flush=True)
+    if "variants_bf16" in only:
+        res["variants_bf16_4096"] = variants_goal(repeats, torch.bfloat16)
+        print(json.dumps(res["variants_bf16_4096"], indent=1), flush=True)
     print(json.dumps(res))
 
 

@@ -361,7 +361,7 @@ def _signature(inputs: AttentionInputs) -> tuple:
     shapes = [inputs.q.shape, inputs.k.shape]
     shapes += [m.bias.shape for m in inputs.mods if isinstance(m, Mods.bias)]
     shapes += [leaf.mask.shape for leaf in _leaves(inputs.mask) if isinstance(leaf, M.dense)]
-    return tuple(tuple(n == 1 for n in s) + (len(s),) for s in shapes)
+    return tuple((len(s), *(n == 1 for n in s)) for s in shapes)
 
 
 def _leaves(mask: M.Mask | None) -> list[M.Mask]:
