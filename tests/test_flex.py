@@ -7,6 +7,7 @@ warm, and what Flex cannot do on this device is refused with the reason (numeric
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -163,3 +164,87 @@ def test_fully_masked_rows_and_empty_documents():
     kw = {"mask": ao.document_causal([0, 70, 70, 140], [0, 100, 100, 140])}
     out = ao.attention(q, k, v, backend="flex", **kw)
     torch.testing.assert_close(out.double(), _oracle(q, k, v, **kw), atol=2e-5, rtol=0)
+
+
+def test_unhashable_custom_functions_run_on_auto_and_flex():
+    """A user's callable object may be unhashable (a dataclass with eq): the structure key compares
+    functions by identity."""
+
+    @dataclasses.dataclass
+    class KeepBelow:
+        n: int
+
+        def __call__(self, b, h, i, j):
+            return j <= i + self.n
+
+    q, k, v = _qkv(1, 64, 64, Hq=2, Hkv=2, D=16)
+    want = _oracle(q, k, v, mask=ao.causal())
+    for backend in ("auto", "flex"):
+        out = ao.attention(q, k, v, mask=KeepBelow(0), backend=backend)
+        torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=0)
+    assert "flex" in ao.explain(q, k, v, mask=KeepBelow(0))
+
+
+def test_gradients_reach_tensors_a_custom_score_mod_closes_over():
+    """The CPU rerun differentiates what blockwise differentiates, closures included."""
+    q, k, v = (t.requires_grad_(True) for t in _qkv(1, 64, 64, Hq=2, Hkv=2, D=16))
+    rel = torch.randn(2, requires_grad=True)
+
+    def make(rel):
+        return lambda s, b, h, i, j: s + rel[h] * (i - j).float() * 0.01
+
+    kw = {"mask": ao.causal(), "score_mod": make(rel)}
+    got = torch.autograd.grad(ao.attention(q, k, v, backend="flex", **kw).sum(), (rel, q))
+    want = torch.autograd.grad(ao.attention(q, k, v, backend="blockwise", **kw).sum(), (rel, q))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    only_rel = ao.attention(*(t.detach() for t in (q, k, v)), backend="flex", **kw)
+    assert only_rel.requires_grad, "a closure tensor alone requires grad: the output must too"
+
+
+def test_bias_dtype_and_strides_reuse_the_kernel():
+    """bf16, expanded and transposed biases read the same compiled kernel as the float32 one."""
+    q, k, v = _qkv(2, 200, 200, Hq=2, Hkv=2, D=16)
+    b0 = torch.randn(2, 2, 200, 200)
+    variants = [b0, b0.bfloat16(), b0.transpose(-1, -2), torch.randn(1, 2, 1, 200).expand(2, 2, 200, 200)]
+    for n, bias in enumerate(variants):
+        kw = {"mask": ao.causal(), "score_mod": [am.bias(bias), am.softcap(20.0)]}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            if n < 3:  # the same size-1 pattern: no recompile
+                out = ao.attention(q, k, v, backend="flex", **kw)
+            else:  # an expanded dim is a dim of size 1 to the kernel: one more compile, counted
+                warnings.simplefilter("ignore")
+                out = ao.attention(q, k, v, backend="flex", **kw)
+        torch.testing.assert_close(out.double(), _oracle(q, k, v, **kw), atol=3e-5, rtol=0)
+    assert _stats(q, k, v, **kw).compiles <= 2
+
+
+def test_compile_for_under_autocast_compiles_the_autocast_kernel():
+    q, k, v = _qkv(1, 130, 130, Hq=2, Hkv=1, D=16)
+    kw = {"mask": ao.prefix_lm(9), "score_mod": am.softcap(25.0)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        info = ao.compile_for(q, k, v, **kw)
+        assert info["compiles"] == 1
+        assert "runs on 'flex'" in ao.explain(q, k, v, **kw)
+
+
+def test_mask_subclasses_are_not_mistaken_for_their_base():
+    class NoFirstKey(ao.masks.cache_causal):
+        def keep(self, b, h, i, j, ctx):
+            return super().keep(b, h, i, j, ctx) & (j > 0)
+
+        classify = ao.masks.Mask.classify
+        key_range = ao.masks.Mask.key_range
+        full_key_range = ao.masks.Mask.full_key_range
+
+    q, k, v = _qkv(1, 300, 300, Hq=1, Hkv=1, D=16)
+    m = NoFirstKey(torch.tensor([300]))
+    with pytest.raises(NotImplementedError, match="flex lowers"):
+        ao.attention(q, k, v, mask=m, backend="flex")
+
+
+def test_explain_counts_the_block_grid():
+    q, k, v = _qkv(1, 300, 300, Hq=1, Hkv=1, D=16)
+    text = ao.explain(q, k, v, mask=ao.causal(), backend="flex")
+    assert "(6/9 kept, 1 without mask_mod)" in text  # 3 x 3 blocks; the tail row of blocks is never FULL

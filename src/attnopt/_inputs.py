@@ -82,14 +82,23 @@ class AttentionInputs:
 
     @functools.cached_property  # read once per call (every backend asks; this is on the decode hot path)
     def requires_grad(self) -> bool:
-        ts = [
-            self.q,
-            self.k,
-            self.v,
-            self.sinks,
-            *(getattr(m, n, None) for m in self.mods for n in ("bias", "slopes")),
-        ]
-        return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in ts)
+        if not torch.is_grad_enabled():
+            return False
+        return any(t.requires_grad for t in (self.q, self.k, self.v, *self.mod_tensors))
+
+    @property
+    def mod_tensors(self) -> list[Tensor]:
+        """Tensors besides q, k, v that gradients can reach: sinks, bias, alibi slopes, and the tensors
+        a custom score_mod closes over."""
+        found = [self.sinks] if isinstance(self.sinks, Tensor) else []
+        for m in self.mods:
+            found += [
+                t for t in (getattr(m, "bias", None), getattr(m, "slopes", None)) if isinstance(t, Tensor)
+            ]
+            if isinstance(m, Mods.custom):
+                cells = [c.cell_contents for c in (getattr(m.fn, "__closure__", None) or ())]
+                found += [t for t in cells if isinstance(t, Tensor)]
+        return found
 
     @property
     def empty(self) -> bool:

@@ -210,9 +210,9 @@ def attention(
 
 
 def _grad_leaves(inputs: AttentionInputs) -> list[Tensor]:
-    """The tensors of a call that gradients can flow to: q, k, v, sinks, the modifiers' tensors."""
-    extra = [inputs.sinks, *(getattr(m, n, None) for m in inputs.mods for n in ("bias", "slopes"))]
-    return [inputs.q, inputs.k, inputs.v, *(t for t in extra if isinstance(t, Tensor))]
+    """The tensors of a call that gradients can flow to: q, k, v, sinks, the modifiers' tensors (a
+    custom score_mod's closure included)."""
+    return [inputs.q, inputs.k, inputs.v, *inputs.mod_tensors]
 
 
 class _RerunGrad(torch.autograd.Function):
@@ -274,22 +274,26 @@ def compile_for(
     """
     from .backends.flex import _KERNELS, _structure
 
+    amp = _autocast_dtype(q, k, v)
+    if amp is not None:  # attention() runs in the autocast dtype: compile that kernel
+        q, k, v = q.to(amp), k.to(amp), v.to(amp)
     inputs = _validate(q, k, v, mask, score_mod, similarity, scale, sinks, 0.0, return_lse, "flex", None)
     if inputs.empty:
         raise ValueError(f"compile_for: an empty problem ({inputs.describe()}) has no kernel to compile")
     _dispatch.select(inputs, "flex")  # raises with the reasons when flex cannot run it
-    out = attention(
-        q,
-        k,
-        v,
-        mask=mask,
-        score_mod=score_mod,
-        similarity=similarity,
-        scale=scale,
-        sinks=sinks,
-        return_lse=return_lse,
-        backend="flex",
-    )
+    with torch.autocast(q.device.type, enabled=False):
+        out = attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            score_mod=score_mod,
+            similarity=similarity,
+            scale=scale,
+            sinks=sinks,
+            return_lse=return_lse,
+            backend="flex",
+        )
     if inputs.requires_grad and inputs.device.type != "cpu":  # compile the backward kernel too
         o = out[0] if isinstance(out, tuple) else out
         torch.autograd.grad(o.float().sum(), [t for t in (q, k, v) if t.requires_grad])

@@ -61,6 +61,7 @@ class KernelStats:
 
 
 _KERNELS: dict[tuple, KernelStats] = {}
+MAX_STRUCTURES = 64  # compiled kernels kept per process (each holds its user functions alive)
 
 
 def stats() -> dict[tuple, KernelStats]:
@@ -82,20 +83,37 @@ def _mask_kind(mask: M.Mask | None) -> tuple | None:
     no predicate for it. Values (offsets, windows, lengths, document tables) are tensor arguments."""
     if mask is None:
         return ("none",)
-    if isinstance(mask, (M.And, M.Or)):
-        a, b = _mask_kind(mask.a), _mask_kind(mask.b)
+    kind = type(mask)  # exact types: a subclass may keep() differently from the arithmetic below
+    if kind in (M.And, M.Or):
+        a, b = _mask_kind(mask.a), _mask_kind(mask.b)  # type: ignore[attr-defined]
         if a is None or b is None or "dense" in (a[0], b[0]):
             return None
-        return ("and" if isinstance(mask, M.And) else "or", a, b)
-    if isinstance(mask, M.cache_causal):
-        return ("cache_causal", mask.left is not None)
-    if type(mask) in _LEAVES:
-        return (type(mask).__name__,)
-    if isinstance(mask, M.dense):
+        return ("and" if kind is M.And else "or", a, b)
+    if kind is M.cache_causal:
+        return ("cache_causal", mask.left is not None)  # type: ignore[attr-defined]
+    if kind in _LEAVES:
+        return (kind.__name__,)
+    if kind is M.dense:
         return ("dense",)
-    if isinstance(mask, M.custom):
-        return ("custom", mask.fn)
+    if kind is M.custom:
+        return ("custom", _Same(mask.fn))  # type: ignore[attr-defined]
     return None
+
+
+class _Same:
+    """A user function in a structure key, compared by identity (it may be unhashable or compare equal
+    to another one that computes something else; the key keeps it alive, so its id is never reused)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __eq__(self, other):
+        return isinstance(other, _Same) and other.fn is self.fn
+
+    def __hash__(self):
+        return id(self.fn)
 
 
 _LEAVES = (M.causal, M.sliding_window, M.prefix_lm, M.padding, M.left_padding, M.document, M.document_causal)
@@ -119,17 +137,17 @@ def _mask_params(mask: M.Mask, ctx: M.MaskContext) -> tuple:
     if isinstance(mask, M.prefix_lm):
         return (scalar(mask.prefix_len), scalar(ctx.offset(mask.align)))
     if isinstance(mask, M.padding):
-        return (mask.kv_lengths.to(dev, torch.long),)
+        return (_canon(mask.kv_lengths.to(dev, torch.long)),)
     if isinstance(mask, M.left_padding):
-        return (mask.pad_lengths.to(dev, torch.long),)
+        return (_canon(mask.pad_lengths.to(dev, torch.long)),)
     if isinstance(mask, M.cache_causal):
-        shift = mask.kv_lengths.to(dev, torch.long) - ctx.Sq  # (B,): query i sits at shift[b] + i
+        shift = _canon(mask.kv_lengths.to(dev, torch.long) - ctx.Sq)  # (B,): query i sits at shift[b] + i
         return (shift,) if mask.left is None else (shift, scalar(mask.left))
     if isinstance(mask, (M.document, M.document_causal)):
         lo, hi = row_intervals(mask, ctx)  # type: ignore[misc]
         return (lo[0, 0].contiguous(), hi[0, 0].contiguous())
     if isinstance(mask, M.dense):
-        return (mask.mask,)
+        return (_canon(mask.mask),)
     return ()
 
 
@@ -168,7 +186,7 @@ def _mask_mod(kind: tuple, params: list[Tensor], B, Hq, Sq, Sk) -> Callable | No
             return lambda b, h, q, kv: fa(b, h, q, kv) & fb(b, h, q, kv)
         return lambda b, h, q, kv: fa(b, h, q, kv) | fb(b, h, q, kv)
     if name == "custom":
-        return kind[1]
+        return kind[1].fn
     if name == "dense":
         t = M.as_4d(params.pop(0)).expand(B, Hq, Sq, Sk)
         return lambda b, h, q, kv: t[b, h, q, kv]
@@ -198,14 +216,15 @@ def _mask_mod(kind: tuple, params: list[Tensor], B, Hq, Sq, Sk) -> Callable | No
 
 
 def _mod_kind(mod: Mods.ScoreMod) -> tuple | None:
-    if isinstance(mod, Mods.alibi):
+    kind = type(mod)  # exact types, as for masks
+    if kind is Mods.alibi:
         return ("alibi",)
-    if isinstance(mod, Mods.softcap):
+    if kind is Mods.softcap:
         return ("softcap",)
-    if isinstance(mod, Mods.bias):
+    if kind is Mods.bias:
         return ("bias",)
-    if isinstance(mod, Mods.custom):
-        return ("custom", mod.fn)
+    if kind is Mods.custom:
+        return ("custom", _Same(mod.fn))  # type: ignore[attr-defined]
     return None
 
 
@@ -329,7 +348,7 @@ def _score_fn(kind: tuple, args: tuple, B, Hq, Sq, Sk) -> Callable:
             return torch.where(add == float("-inf"), add, s + add)
 
         return bias_fn
-    fn = kind[1]
+    fn = kind[1].fn
     return lambda s, b, h, q_idx, kv_idx: fn(s, b, h, q_idx, kv_idx)
 
 
@@ -356,12 +375,28 @@ def _counting_backend(stats: KernelStats) -> Callable:
 
 
 def _signature(inputs: AttentionInputs) -> tuple:
-    """What torch.compile specializes on within one structure: which sizes are 1 (batch, lengths, the
-    broadcast dims of a bias or dense mask, per-batch length tables)."""
+    """What torch.compile specializes on within one structure, past what _args canonicalizes (dtypes,
+    strides): which sizes are 1 (batch, lengths, a bias's or dense mask's broadcast dims); on CUDA also
+    whether Sq < 128 (Flex's decoding kernel)."""
     shapes = [inputs.q.shape, inputs.k.shape]
-    shapes += [m.bias.shape for m in inputs.mods if isinstance(m, Mods.bias)]
-    shapes += [leaf.mask.shape for leaf in _leaves(inputs.mask) if isinstance(leaf, M.dense)]
-    return tuple((len(s), *(n == 1 for n in s)) for s in shapes)
+    shapes += [_canon_shape(m.bias) for m in inputs.mods if isinstance(m, Mods.bias)]
+    shapes += [_canon_shape(leaf.mask) for leaf in _leaves(inputs.mask) if isinstance(leaf, M.dense)]
+    sig = tuple((len(s), *(n == 1 for n in s)) for s in shapes)
+    return (*sig, inputs.Sq < 128) if inputs.device.type == "cuda" else sig
+
+
+def _canon_shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(1 if st == 0 else n for n, st in zip(t.shape, t.stride()))
+
+
+def _canon(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """One dtype and one memory layout for a table the kernel reads: a broadcast (stride-0) dim becomes
+    a dim of size 1 (never materialized), the rest contiguous. torch.compile guards on dtypes and
+    strides, so a bias given as a bf16 tensor, an expanded view or a transpose would recompile."""
+    for d in range(t.ndim):
+        if t.stride(d) == 0 and t.shape[d] > 1:
+            t = t.narrow(d, 0, 1)
+    return (t if dtype is None else t.to(dtype)).contiguous()
 
 
 def _leaves(mask: M.Mask | None) -> list[M.Mask]:
@@ -403,11 +438,11 @@ def _args(inputs: AttentionInputs, low: Lowered | None):
     for m in inputs.mods:
         if isinstance(m, Mods.alibi):
             off = inputs.ctx.offset(m.align) + m.shift
-            mod_args.append((m.slopes.float(), torch.tensor(off, device=inputs.device)))
+            mod_args.append((_canon(m.slopes, torch.float32), torch.tensor(off, device=inputs.device)))
         elif isinstance(m, Mods.softcap):
             mod_args.append((torch.tensor(float(m.cap), device=inputs.device),))
         elif isinstance(m, Mods.bias):
-            mod_args.append((m.bias,))
+            mod_args.append((_canon(m.bias, torch.float32),))  # added in float32 in any case
         else:
             mod_args.append(())
     flat = [*meta, *mask_args, *(t for a in mod_args for t in a), *norms]
@@ -451,7 +486,14 @@ class FlexBackend(Backend):
             r.append(f"score_mod {bad[0]!r} has no FlexAttention form")
         if inputs.device.type == "cuda" and max(inputs.D, inputs.Dv) > 256:
             r.append(f"head_dim={max(inputs.D, inputs.Dv)} > 256: beyond Flex's Triton kernels' tiles")
+        if inputs.device.type == "cuda" and min(inputs.D, inputs.Dv) < 16:
+            r.append(f"head_dim={min(inputs.D, inputs.Dv)} < 16: Flex's Triton kernels need at least 16")
         st = _KERNELS.get(_structure(inputs))
+        if st is None and len(_KERNELS) >= MAX_STRUCTURES:
+            r.append(
+                f"{len(_KERNELS)} kernel structures are compiled in this process (limit {MAX_STRUCTURES}): "
+                f"a custom mask_mod / score_mod created anew for every call makes a new structure each time"
+            )
         if st is not None and st.failed is not None:
             r.append(f"the compiled kernel for this structure failed: {st.failed}")
         elif st is not None and st.compiles >= _recompile_limit() - 1:
@@ -505,7 +547,8 @@ class FlexBackend(Backend):
         if low is not None:
             kept = int(low.kv_num_blocks.sum()) + int(low.full_kv_num_blocks.sum())
             full = int(low.full_kv_num_blocks.sum())
-            total = low.kv_indices.shape[-2] * low.kv_indices.shape[-1] * low.kv_num_blocks[..., 0].numel()
+            nQ, nK = -(-inputs.Sq // low.block[0]), -(-inputs.Sk // low.block[1])
+            total = nQ * nK * low.kv_num_blocks[..., 0].numel()
             how = (
                 f"{low.block[0]}x{low.block[1]} blocks from the mask's {low.path} "
                 f"({kept}/{total} kept, {full} without mask_mod)"
