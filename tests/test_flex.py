@@ -248,3 +248,17 @@ def test_explain_counts_the_block_grid():
     q, k, v = _qkv(1, 300, 300, Hq=1, Hkv=1, D=16)
     text = ao.explain(q, k, v, mask=ao.causal(), backend="flex")
     assert "(6/9 kept, 1 without mask_mod)" in text  # 3 x 3 blocks; the tail row of blocks is never FULL
+
+
+def test_auto_ranks_a_warm_kernel_where_it_was_measured_faster():
+    """Warm: a bias with a mask goes to flex (SDPA would materialize it); a bf16 window stays on span;
+    with gradients flex is the last resort (its forward would be followed by a rerun)."""
+    q, k, v = _qkv(1, 600, 600, Hq=2, Hkv=2, D=16)
+    bias_kw = {"mask": ao.causal(), "score_mod": am.bias(torch.randn(1, 2, 600, 600))}
+    ao.compile_for(q, k, v, **bias_kw)
+    assert "-> runs on 'flex'" in ao.explain(q, k, v, **bias_kw)
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    ao.compile_for(qb, kb, vb, mask=ao.sliding_window(64))
+    assert "-> runs on 'span'" in ao.explain(qb, kb, vb, mask=ao.sliding_window(64))
+    qg = q.clone().requires_grad_(True)
+    assert "-> runs on 'flex'" not in ao.explain(qg, k, v, **bias_kw)

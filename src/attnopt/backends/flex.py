@@ -668,11 +668,28 @@ def _detach(a):
 
 
 def _cpu_rank(inputs: AttentionInputs) -> float:
-    # Measured on this 2-core CPU, B=1 H=8 D=64 N=8192, window 256 (ms, warm, same run): bf16 flex 100
-    # vs span 65; fp32 66 vs 64. Score modifiers span cannot fuse run on blockwise (rank 20) otherwise.
-    if inputs.similarity != "dot" or any(not isinstance(m, (Mods.alibi, Mods.bias)) for m in inputs.mods):
-        return 15.0
-    return 12.0
+    """Where a warm kernel beats the other backends on this 2-core CPU (B=1, H=8, D=64, N=4096, warm,
+    same runs, 2026-12-01 15:20-15:25; scripts/bench_flex_cpu.py): ms flex vs the best other.
+
+    * a bias with a mask (SDPA materializes both, span slices the bias per block): fp32 221 vs SDPA 620
+      (span 1686); bf16 350 vs 637 -> ahead of both;
+    * ALiBi + causal: fp32 180 vs span 212, but bf16 280 vs 192 -> ahead of span in fp32 only;
+    * softcap / custom score_mod / euclidean (blockwise otherwise): softcap + causal fp32 227 vs 336;
+    * masks alone: documents fp32 49 vs span 50 but bf16 83 vs 54; window 256 bf16 N=8192 106 vs 64;
+      prefix-LM fp32 180 vs 155; causal 170 vs SDPA 127 -> behind span and SDPA.
+    With gradients the kernel's forward is followed by a rerun on another backend: last resort.
+    """
+    if inputs.requires_grad:
+        return 30.0
+    if inputs.similarity == "euclidean" or any(
+        isinstance(m, (Mods.softcap, Mods.custom)) for m in inputs.mods
+    ):
+        return 15.0  # ahead of blockwise (20)
+    if inputs.mask is not None and any(isinstance(m, Mods.bias) for m in inputs.mods):
+        return 8.0  # ahead of span (10) and materializing SDPA (40 on long, 5 below 512² where it wins)
+    if inputs.dtype == torch.float32 and any(isinstance(m, Mods.alibi) for m in inputs.mods):
+        return 9.0
+    return 12.0  # behind span (10)
 
 
 _AVAIL: dict[str, str | None] = {}
