@@ -170,7 +170,8 @@ def _normalize(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def row_intervals(mask: M.Mask, ctx: M.MaskContext) -> tuple[Tensor, Tensor] | None:
-    """(lo, hi) int64 (Bm, m, Sq) with keys [lo, hi) kept by each row, clipped to [0, Sk); None when the
+    """(lo, hi) int64 (Bm, m, Sq) with keys [lo, hi) kept by each row, clipped to [0, Sk] (a row that
+    keeps nothing has hi == lo); None when the
     mask is not made of interval descriptors (dense, custom, or a Mask subclass unknown here)."""
     fn = _INTERVALS.get(type(mask))
     if fn is None:
@@ -180,9 +181,8 @@ def row_intervals(mask: M.Mask, ctx: M.MaskContext) -> tuple[Tensor, Tensor] | N
         return None
     lo, hi = torch.broadcast_tensors(*out)
     shape = (lo.shape[0], lo.shape[1], ctx.Sq)
-    lo, hi = lo.expand(shape).clamp(0, ctx.Sk), hi.expand(shape).clamp(0, ctx.Sk)
-    empty = lo >= hi
-    return torch.where(empty, 0, lo), torch.where(empty, 0, hi)
+    lo = lo.expand(shape).clamp(0, ctx.Sk)
+    return lo, torch.maximum(hi.expand(shape).clamp(max=ctx.Sk), lo)  # an empty row: hi == lo
 
 
 # ---------------------------------------------------------------------------------------------------
