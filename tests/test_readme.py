@@ -68,3 +68,20 @@ def test_explain_examples_say_what_the_readme_shows():
     second = ao.explain(q, k, v, mask=ao.sliding_window(16))
     assert "-> runs on 'blockwise'" in second
     assert "sdpa       cannot run: q, k or v hold NaN/inf and the mask hides some scores" in second
+
+
+def test_flex_snippet_runs_as_written(capsys):
+    """The compiled-kernel example: one compile, then a new length runs on the warm kernel under auto."""
+    from attnopt.backends.flex import FlexBackend
+
+    if not FlexBackend.is_available():
+        pytest.skip("flex needs a C++ compiler")
+    block = next(
+        b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "compile_for" in b
+    )
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert scope["info"]["compiles"] >= 1 and scope["out"].shape == (1, 8, 2048, 64)
+    assert tuple(scope["bm"].kv_num_blocks.shape) == (1, 1, 1024)
+    shown = capsys.readouterr().out
+    assert "-> runs on 'flex'" in shown and "kernel warm (" in shown and "0 recompiles" in shown
