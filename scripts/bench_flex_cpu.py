@@ -134,10 +134,39 @@ def variants_goal(repeats: int, dtype: torch.dtype = torch.float32) -> dict:
     return out
 
 
+def ranks_timing() -> dict:
+    """The timings behind flex's CPU ranks: span / flex / sdpa, best of 3 interleaved calls, N=4096."""
+    N, B, H, D = 4096, 1, 8, 64
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        g = torch.Generator().manual_seed(1)
+        q, k, v = (torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(3))
+        variants = {
+            "alibi": {"mask": M.causal(), "score_mod": am.alibi(am.alibi_slopes(H))},
+            "bias_causal": {"score_mod": am.bias(torch.randn(1, H, N, N)), "mask": M.causal()},
+            "documents": {"mask": M.document([0, N // 4, N // 2, 3 * N // 4, N]) & M.causal()},
+        }
+        for name, kw in variants.items():
+            ao.compile_for(q, k, v, **kw)
+            best: dict[str, float] = {}
+            for _ in range(3):
+                for b in ("span", "flex", "sdpa"):
+                    try:
+                        t = time.perf_counter()
+                        ao.attention(q, k, v, backend=b, **kw)
+                        best[b] = min(best.get(b, float("inf")), time.perf_counter() - t)
+                    except NotImplementedError:
+                        continue
+            out[f"{str(dtype)[6:]}_{name}"] = {b: round(x * 1e3, 1) for b, x in best.items()}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer repeats")
-    p.add_argument("--only", choices=["window", "metadata", "variants", "variants_bf16"], action="append")
+    p.add_argument(
+        "--only", choices=["window", "metadata", "variants", "variants_bf16", "ranks"], action="append"
+    )
     a = p.parse_args()
     repeats = 3 if a.quick else 7
     only = a.only or ["window", "metadata", "variants"]
@@ -154,6 +183,9 @@ def main() -> None:
     if "variants_bf16" in only:
         res["variants_bf16_4096"] = variants_goal(repeats, torch.bfloat16)
         print(json.dumps(res["variants_bf16_4096"], indent=1), flush=True)
+    if "ranks" in only:
+        res["ranks_4096"] = ranks_timing()
+        print(json.dumps(res["ranks_4096"], indent=1), flush=True)
     print(json.dumps(res))
 
 
