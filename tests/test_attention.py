@@ -120,21 +120,27 @@ def _cases(shapes, dtypes, layouts, marks=()):
 
 
 # The compiled 'flex' backend: one compile per structure (dtype, head dims, heads, mask and modifier
-# kinds), so one shape; every variant it runs on CPU (no sinks: they need the LSE Flex's CPU kernel
-# does not return), fp32, and the main masks and modifiers in bf16.
+# kinds: ~3-5 s apiece with a cold Inductor cache), so one shape. By default the masks and modifiers
+# with a predicate or score_mod of their own (compositions cover their leaves; test_flex.py runs causal,
+# windows, prefix-LM, softcap) in fp32 and one in bf16; the exhaustive run adds every variant flex runs
+# on CPU (no sinks: they need the LSE Flex's CPU kernel does not return) in fp32 and bf16.
 FLEX_VARIANTS = [n for n in VARIANTS if not n.startswith("sinks")]
-FLEX_BF16 = ["causal", "document_and_causal", "padding_and_causal", "window_or_prefix", "softcap_causal"]
+FLEX_DEFAULT = {
+    torch.float32: [
+        "document_and_causal", "padding_and_causal", "dense", "custom_mask", "window_or_prefix",
+        "bias_and_causal", "alibi_causal", "custom_mod", "euclidean",
+    ],
+    torch.bfloat16: ["softcap_causal"],
+}  # fmt: skip
 
 
 def _flex_cases():
-    for vname in FLEX_VARIANTS:
-        yield pytest.param(
-            "flex", vname, FAST_SHAPES[0], torch.float32, "contiguous", id=f"flex-fp32-{vname}"
-        )
-    for vname in FLEX_BF16:
-        yield pytest.param(
-            "flex", vname, FAST_SHAPES[0], torch.bfloat16, "contiguous", id=f"flex-bf16-{vname}"
-        )
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        for vname in FLEX_VARIANTS:
+            marks = () if vname in FLEX_DEFAULT[dtype] else pytest.mark.exhaustive
+            yield pytest.param(
+                "flex", vname, FAST_SHAPES[0], dtype, "contiguous", id=f"flex-{name}-{vname}", marks=marks
+            )
 
 
 FAST = [
