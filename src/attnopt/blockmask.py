@@ -357,11 +357,7 @@ def _band(
 ) -> tuple[Tensor, ...] | None:
     """The 8 metadata tensors straight from a band (every row keeps one non-empty interval, both ends
     non-decreasing down the rows, consecutive rows' intervals overlapping or touching); None otherwise.
-
-    A query block then keeps the key blocks of [lo(first row), hi(last row)) and covers those of
-    [lo(last row), hi(first row)); a key block is kept by rows [#(hi <= k0), #(lo < k1)) and covered
-    by rows [#(hi < k1), #(lo <= k0)). Cost O(blocks kept), plus O(Sq) for the checks.
-    """
+    Cost O(blocks kept), plus O(Sq) for the checks (see _band_tables)."""
     if lo.shape[1] != 1:
         return None
     lo, hi = lo[:, 0], hi[:, 0]  # (Bm, Sq)
@@ -375,24 +371,66 @@ def _band(
         & (hi[:, :-1] >= lo[:, 1:]).all()
     ):
         return None
-    dev, Bm = lo.device, lo.shape[0]
+
+    def rows_at(idx: Tensor) -> tuple[Tensor, Tensor]:
+        return lo[:, idx], hi[:, idx]
+
+    def counts(k0: Tensor, k1: Tensor) -> tuple[Tensor, ...]:
+        k0, k1 = k0.expand(lo.shape[0], -1).contiguous(), k1.expand(lo.shape[0], -1).contiguous()
+        return (
+            torch.searchsorted(hi, k0, right=True),  # rows with hi <= k0
+            torch.searchsorted(lo, k1 - 1, right=True),  # rows with lo < k1
+            torch.searchsorted(hi, k1 - 1, right=True),  # rows with hi < k1
+            torch.searchsorted(lo, k0, right=True),  # rows with lo <= k0
+        )
+
+    return _band_tables(rows_at, counts, Sq, Sk, bq, bk, lo.device, for_kernel)
+
+
+def _affine_band(mask: M.Mask, ctx: M.MaskContext, bq: int, bk: int, for_kernel: bool) -> tuple | None:
+    """A causal mask or a sliding window alone: row i keeps [max(i + a, 0), min(i + b, Sk)), so the
+    rows at block edges and the row counts per key block are formulas: O(nQ + nK), no row table."""
+    Sq, Sk = ctx.Sq, ctx.Sk
+    if type(mask) is M.causal:  # exact types: a subclass may keep() differently
+        off = ctx.offset(mask.align)
+        a, b = -(Sq + Sk + 1), off + 1  # lo = 0
+    elif type(mask) is M.sliding_window:
+        off = ctx.offset(mask.align)
+        a, b = off - mask.left, off + mask.right + 1
+    else:
+        return None
+    if not (b > 0 and Sq - 1 + a < Sk):  # a row keeps nothing (only possible at either end): tables
+        return None
+
+    def rows_at(idx: Tensor) -> tuple[Tensor, Tensor]:
+        return (idx + a).clamp(min=0)[None], (idx + b).clamp(max=Sk)[None]
+
+    def counts(k0: Tensor, k1: Tensor) -> tuple[Tensor, ...]:
+        # hi <= k0 <=> i + b <= k0 (k0 < Sk); lo < k1 <=> i + a < k1 (k1 > 0); likewise the others
+        return tuple(t.clamp(0, Sq)[None] for t in (k0 - b + 1, k1 - a, k1 - b, k0 - a + 1))
+
+    return _band_tables(rows_at, counts, Sq, Sk, bq, bk, ctx.device, for_kernel)
+
+
+def _band_tables(rows_at, counts, Sq, Sk, bq, bk, dev, for_kernel) -> tuple[Tensor, ...]:
+    """A query block keeps the key blocks of [lo(first row), hi(last row)) and covers those of
+    [lo(last row), hi(first row)); a key block is kept by rows [#(hi <= k0), #(lo < k1)) and covered by
+    rows [#(hi < k1), #(lo <= k0)). rows_at(idx) gives (lo, hi) (Bm, len(idx)) at those rows,
+    counts(k0, k1) those four row counts (Bm, nK)."""
     nQ, nK = _cdiv(Sq, bq), _cdiv(Sk, bk)
     first = torch.arange(nQ, device=dev) * bq
     last = torch.clamp(first + bq, max=Sq) - 1
     whole_q = (first + bq <= Sq).view(1, -1)
-    a, b = lo[:, first] // bk, _cdiv(hi[:, last], bk)
-    fa, fb = _cdiv(lo[:, last], bk), hi[:, first] // bk
+    (lo_f, hi_f), (lo_l, hi_l) = rows_at(first), rows_at(last)
+    a, b = lo_f // bk, _cdiv(hi_l, bk)
+    fa, fb = _cdiv(lo_l, bk), hi_f // bk
     has_full = whole_q & (fb > fa)
     kv = _two_runs(a, b, fa, fb, has_full, nK, for_kernel)
 
     k0 = torch.arange(nK, device=dev) * bk
     k1 = torch.clamp(k0 + bk, max=Sk)
     whole_k = (k0 + bk <= Sk).view(1, -1)
-    k0b, k1b = k0.expand(Bm, nK).contiguous(), k1.expand(Bm, nK).contiguous()
-    r0 = torch.searchsorted(hi, k0b, right=True)  # rows with hi <= k0 keep nothing of the block
-    r1 = torch.searchsorted(lo, k1b - 1, right=True)  # rows with lo < k1
-    c0 = torch.searchsorted(hi, k1b - 1, right=True)  # rows with hi < k1 do not cover it
-    c1 = torch.searchsorted(lo, k0b, right=True)  # rows with lo <= k0
+    r0, r1, c0, c1 = counts(k0, k1)
     qa, qb = r0 // bq, torch.where(r1 > r0, _cdiv(r1, bq), r0 // bq)
     qfa, qfb = _cdiv(c0, bq), c1 // bq
     q_has_full = whole_k & (qfb > qfa) & (c1 > c0)
@@ -488,6 +526,11 @@ def lower(
     if bq < 1 or bk < 1:
         raise ValueError(f"block={block!r}; allowed: positive ints (FlexAttention uses 128)")
     Sq, Sk = ctx.Sq, ctx.Sk
+    affine = None if mask is None else _affine_band(mask, ctx, bq, bk, for_kernel)
+    if affine is not None:
+        if for_kernel and min(_cdiv(Sq, bq), _cdiv(Sk, bk)) < 2:
+            affine = _pad_all(affine, for_kernel)
+        return Lowered(Sq, Sk, (bq, bk), *affine, None, None, mask, ctx, "band")
     if mask is None:
         i = torch.arange(Sq, device=ctx.device)
         rows = _rows(torch.zeros_like(i), torch.full_like(i, Sk))
