@@ -150,3 +150,18 @@ def test_public_block_mask_validates():
         block_mask(M.padding(torch.tensor([5, 50])), 2, 1, 10, 10)
     bm = block_mask(lambda b, h, q, kv: kv <= q, 1, 1, 256, 256)  # a mask_mod, as create_block_mask takes
     assert int(bm.full_kv_num_blocks.sum()) == 1 and int(bm.kv_num_blocks.sum()) == 2
+
+
+def test_block_mask_runs_in_users_compiled_flex_attention():
+    """The public BlockMask (its mask_mod reads row tables) in a user's own compiled flex_attention on
+    CPU, per-batch rows included: exact against the float64 reference."""
+    import attnopt as ao
+
+    B_, H_, S, D = 2, 2, 300, 16
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B_, H_, S, D, generator=g) for _ in range(3))
+    mask = M.document([0, 100, 100, 300]) & M.causal() & M.padding(torch.tensor([300, 170]))
+    bm = block_mask(mask, B_, H_, S, S)
+    out = torch.compile(fa.flex_attention, dynamic=False)(q, k, v, block_mask=bm)
+    want = ao.attention(q.double(), k.double(), v.double(), mask=mask, backend="reference")
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=0)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from . import masks as M
+from ._torch_fixes import fix_flex_cpu_template_renaming
 
 __all__ = ["Lowered", "block_mask", "interval_columns", "interval_mask_mod", "lower", "row_intervals"]
 
@@ -263,23 +264,16 @@ class Lowered:
 
 
 def interval_columns(lo: Tensor, hi: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-    """lo/hi (Bm, m, Sq) as m contiguous 1-D tensors each, of Bm·Sq entries (row b·Sq + i): what the
-    generic mask_mod indexes with scalars (a compiled kernel takes them as plain 1-D inputs: torch
-    2.13's CPU Flex template miscompiles later kernels after one that indexes a 2-D table)."""
-    # One spare entry: a table's length then never equals Sq or Sk, so under dynamic shapes it gets a
-    # size symbol of its own (torch 2.13's CPU Flex template miscompiles a mask_mod indexing a table
-    # whose length shares the query or key length's symbol, once another kernel was compiled before).
-    pad = lo.new_zeros(1)
-    los = tuple(torch.cat([lo[:, c].reshape(-1), pad]) for c in range(lo.shape[1]))
-    his = tuple(torch.cat([hi[:, c].reshape(-1), pad]) for c in range(hi.shape[1]))
+    """lo/hi (Bm, m, Sq) as m contiguous 1-D tables each, of Bm·Sq entries (row b·Sq + i): what the
+    generic mask_mod indexes with scalars."""
+    los = tuple(lo[:, c].reshape(-1).contiguous() for c in range(lo.shape[1]))
+    his = tuple(hi[:, c].reshape(-1).contiguous() for c in range(hi.shape[1]))
     return los, his
 
 
 def row_stride(lo: Tensor) -> Tensor:
     """The ``stride`` interval_mask_mod needs for row tables lo (Bm, m, Sq): 0 when Bm = 1 (every batch
-    element reads row i), Sq otherwise. Always a tensor: one kernel shape for shared and per-batch rows
-    (torch 2.13's CPU Flex template miscompiles a kernel whose table indexing differs from one compiled
-    before it in the same process)."""
+    element reads row i), Sq otherwise; a 0-d tensor, so a compiled kernel does not specialize on it."""
     return torch.tensor(0 if lo.shape[0] == 1 else lo.shape[2], device=lo.device)
 
 
@@ -288,9 +282,9 @@ def interval_mask_mod(
 ) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
     """``mask_mod`` keeping kv_idx in [lo, hi) of some column of row (b, q_idx) (see interval_columns).
 
-    ``stride``: a 0-d int64 tensor: batch element b's rows start at b·stride (0: shared rows). A tensor,
-    not an int: a size symbol inside a mask_mod also trips torch 2.13's CPU template.
+    ``stride``: a 0-d int64 tensor: batch element b's rows start at b·stride (0: shared rows).
     """
+    fix_flex_cpu_template_renaming()  # a table read in a mask_mod trips torch 2.13's CPU template
 
     def mask_mod(b, h, q_idx, kv_idx):
         row = b * stride + q_idx

@@ -15,12 +15,10 @@ call on the exact backends (attnopt.api), and ``return_lse`` / ``sinks`` are ref
 
 from __future__ import annotations
 
-import contextlib
 import math
 import shutil
 import threading
 import time
-import unittest.mock
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ from torch import Tensor
 from .. import masks as M
 from .. import mods as Mods
 from .._inputs import AttentionInputs
+from .._torch_fixes import fix_flex_cpu_template_renaming
 from ..blockmask import BLOCK, Lowered, lower, row_intervals
 from ._base import Backend, fused_data_reasons, unit_qk
 
@@ -579,7 +578,7 @@ class FlexBackend(Backend):
             # Duck sizing off: equal sizes (Sq == Sk, a row table as long as the keys) get symbols of their
             # own. With it, torch 2.13's CPU Flex template mis-renames the tile-size symbol in a mask_mod
             # that indexes such a table (a C++ compile error, "cur_kvSplitSize1").
-            with cfg[0], cfg[1]:
+            with cfg:
                 if inputs.device.type == "cpu":  # inference only: api reruns the exact path for gradients
                     with torch.no_grad():
                         res = st.fn(*(_detach(a) for a in args))
@@ -617,46 +616,8 @@ def _compile_config():
     """
     import torch.fx.experimental._config as fx_config
 
-    _fix_cpu_template_renaming()
-    return fx_config.patch(use_duck_shape=False), contextlib.nullcontext()
-
-
-_FIXED = []
-
-
-def _fix_cpu_template_renaming() -> None:
-    """Work around a torch 2.13 bug in the CPU Flex template (installed once, wraps the method).
-
-    ``CppFlexAttentionTemplate.modification`` generates a mask_mod's / score_mod's C++ with its own
-    kernel arguments, then renames the two tile-size symbols ("ks2", say) to ``cur_kvSplitSize`` by
-    plain text replacement, which also rewrites any longer name they prefix: a table's size "ks22"
-    becomes "cur_kvSplitSize2", a C++ compile error. Whether it hits depends on how many size symbols
-    the graph has (any table read in a mask_mod or score_mod names one). While the method runs, size
-    arguments it numbers itself get a trailing underscore ("ks2_"), which prefixes nothing.
-    """
-    if _FIXED:
-        return
-    try:
-        from torch._inductor.codegen import common
-        from torch._inductor.codegen.cpp_flex_attention_template import CppFlexAttentionTemplate
-    except ImportError:  # pragma: no cover - other torch versions
-        _FIXED.append(False)
-        return
-    original = CppFlexAttentionTemplate.modification
-    lookup = common.KernelArgs._lookup
-
-    def unique_lookup(prefix, odict, name):
-        if prefix != "ks" or name in odict:
-            return lookup(prefix, odict, name)
-        odict[name] = new = f"ks{len(odict)}_"
-        return new
-
-    def modification(self, *args, **kwargs):
-        with unittest.mock.patch.object(common.KernelArgs, "_lookup", staticmethod(unique_lookup)):
-            return original(self, *args, **kwargs)
-
-    CppFlexAttentionTemplate.modification = modification
-    _FIXED.append(True)
+    fix_flex_cpu_template_renaming()
+    return fx_config.patch(use_duck_shape=False)
 
 
 def _detach(a):
