@@ -88,17 +88,9 @@ class AttentionInputs:
 
     @property
     def mod_tensors(self) -> list[Tensor]:
-        """Tensors besides q, k, v that gradients can reach: sinks, bias, alibi slopes, and the tensors
-        a custom score_mod closes over."""
-        found = [self.sinks] if isinstance(self.sinks, Tensor) else []
-        for m in self.mods:
-            found += [
-                t for t in (getattr(m, "bias", None), getattr(m, "slopes", None)) if isinstance(t, Tensor)
-            ]
-            if isinstance(m, Mods.custom):
-                cells = [c.cell_contents for c in (getattr(m.fn, "__closure__", None) or ())]
-                found += [t for t in cells if isinstance(t, Tensor)]
-        return found
+        """Tensors besides q, k, v that gradients can reach: sinks, then the modifiers' (mods.grad_tensors)."""
+        sinks = [self.sinks] if isinstance(self.sinks, Tensor) else []
+        return [*sinks, *Mods.grad_tensors(self.mods)]
 
     @property
     def empty(self) -> bool:

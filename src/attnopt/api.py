@@ -201,19 +201,13 @@ def attention(
     if chosen.dense_rows:  # the fused kernels misread some strides: copy just those tensors
         inputs, _ = inputs.kernel_layout()
     if inputs.requires_grad and not chosen.native_backward(inputs):
-        out, lse = _forward_then_rerun(chosen, inputs)
+        out, lse = _RerunGrad.apply(chosen, inputs, inputs.q, inputs.k, inputs.v, *inputs.mod_tensors)
     else:
         out, lse = chosen.forward(inputs)
     if return_lse:
         assert lse is not None, "a backend that declares supports_lse returned no lse"
         return out, lse
     return out
-
-
-def _grad_leaves(inputs: AttentionInputs) -> list[Tensor]:
-    """The tensors of a call that gradients can flow to: q, k, v, sinks, the modifiers' tensors (a
-    custom score_mod's closure included)."""
-    return [inputs.q, inputs.k, inputs.v, *inputs.mod_tensors]
 
 
 class _RerunGrad(torch.autograd.Function):
@@ -235,7 +229,7 @@ class _RerunGrad(torch.autograd.Function):
     def backward(fctx, dout, _dlse):
         saved = fctx.saved_tensors
         leaves = [t.detach().requires_grad_(t.requires_grad) for t in saved]
-        extra = _grad_leaves(fctx.inputs)[3:]
+        extra = fctx.inputs.mod_tensors  # sinks, bias, slopes, custom closures' tensors
         with torch.enable_grad():
             inputs = dataclasses.replace(fctx.inputs, q=leaves[0], k=leaves[1], v=leaves[2])
             other = _dispatch.select(inputs, "auto", exclude=frozenset({fctx.excluded}))
@@ -245,11 +239,6 @@ class _RerunGrad(torch.autograd.Function):
             got = iter(torch.autograd.grad(out, wrt, dout, allow_unused=True))
         grads = [next(got) if t.requires_grad else None for t in (*leaves, *extra)]
         return (None, None, *grads)
-
-
-def _forward_then_rerun(chosen, inputs: AttentionInputs) -> tuple[Tensor, Tensor | None]:
-    out, lse = _RerunGrad.apply(chosen, inputs, *_grad_leaves(inputs))
-    return out, lse
 
 
 def compile_for(

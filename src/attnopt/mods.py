@@ -18,7 +18,7 @@ from torch import Tensor
 from ._elementwise import elementwise_call, probe_elementwise
 from .masks import FLOAT_DTYPES, Align, MaskContext, _check_align, broadcast_problems, gather_tile
 
-__all__ = ["ScoreMod", "alibi", "alibi_slopes", "bias", "custom", "softcap"]
+__all__ = ["ScoreMod", "alibi", "alibi_slopes", "bias", "custom", "grad_tensors", "softcap"]
 
 
 class ScoreMod:
@@ -168,3 +168,18 @@ class custom(ScoreMod):
 
     def __repr__(self) -> str:
         return f"custom({getattr(self.fn, '__name__', repr(self.fn))})"
+
+
+def grad_tensors(mods: tuple[ScoreMod, ...] | list[ScoreMod]) -> list[Tensor]:
+    """Tensors of the modifiers that gradients can reach: each bias, each alibi's slopes, and the tensors
+    a custom fn closes over that require grad (the one place that knows where modifiers keep them)."""
+    found: list[Tensor] = []
+    for mod in mods:
+        if isinstance(mod, bias):
+            found.append(mod.bias)
+        elif isinstance(mod, alibi):
+            found.append(mod.slopes)
+        elif isinstance(mod, custom):
+            cells = [c.cell_contents for c in (getattr(mod.fn, "__closure__", None) or ())]
+            found += [t for t in cells if isinstance(t, Tensor) and t.requires_grad]
+    return found

@@ -21,8 +21,7 @@ from torch import Tensor
 from .._inputs import AttentionInputs, acc_dtype
 from ..masks import Mask, MaskContext, Tile, tile_indices
 from ..merge import sinks_grad
-from ..mods import ScoreMod, alibi, bias
-from ..mods import custom as custom_mod
+from ..mods import ScoreMod, grad_tensors
 from ._base import Backend, split_nonfinite
 
 NEG_INF = float("-inf")
@@ -254,7 +253,7 @@ class _BlockwiseFn(torch.autograd.Function):
     def backward(ctx, dout: Tensor | None, dlse: Tensor | None):
         qf, kf, vf, out, m, norm, sinks = ctx.saved_tensors
         plan: _Plan = ctx.plan
-        mod_tensors = _mod_tensors(plan.mods)  # the modifiers' own tensors: the local graph reaches them
+        mod_tensors = grad_tensors(plan.mods)  # the modifiers' own tensors: the local graph reaches them
         if dout is None:
             dout = torch.zeros_like(out)
         with torch.autocast(out.device.type, enabled=False):  # a backward called under autocast
@@ -274,20 +273,6 @@ class _BlockwiseFn(torch.autograd.Function):
         dq = dq.view(B, -1, Sq, D).to(qd)
         dmods = [g.to(t.dtype) if t.requires_grad else None for g, t in zip(dmods, mod_tensors)]
         return (None, dq, dk.to(kd), dv.to(vd), None if dsinks is None else dsinks.to(sinks.dtype), *dmods)
-
-
-def _mod_tensors(mods: tuple[ScoreMod, ...]) -> list[Tensor]:
-    """Tensors the modifiers read that may need gradients: bias, alibi slopes, custom closures' tensors."""
-    found: list[Tensor] = []
-    for mod in mods:
-        if isinstance(mod, bias):
-            found.append(mod.bias)
-        elif isinstance(mod, alibi):
-            found.append(mod.slopes)
-        elif isinstance(mod, custom_mod):
-            cells = [c.cell_contents for c in (getattr(mod.fn, "__closure__", None) or ())]
-            found += [t for t in cells if isinstance(t, Tensor) and t.requires_grad]
-    return found
 
 
 class BlockwiseBackend(Backend):
@@ -315,7 +300,7 @@ class BlockwiseBackend(Backend):
         )  # follows torch.manual_seed
         plan = _make_plan(inputs, seed)
         out, lse = _BlockwiseFn.apply(
-            plan, inputs.q, inputs.k, inputs.v, inputs.sinks, *_mod_tensors(inputs.mods)
+            plan, inputs.q, inputs.k, inputs.v, inputs.sinks, *grad_tensors(inputs.mods)
         )
         return out, lse if inputs.return_lse else None
 

@@ -274,7 +274,7 @@ def _make_runner(struct: tuple, block: tuple[int, int]) -> Callable[..., Any]:
         for kind, args in zip(mod_kinds, mod_args):
             fns.append(_score_fn(kind, args, B, Hq, Sq, Sk))
         if euclid:  # scale·(2 q·k − |q|² − |k|²): the kernel computes 2·scale·q·k, norms come scaled
-            # as broadcast (B, Hq, Sq, Sk) views, indexed like a bias (3-D tables fail to lower)
+            # as broadcast (B, Hq, Sq, Sk) views, indexed like a bias
             qn = norms[0].expand(B, Hq, Sq, Sk)
             kn = norms[1].expand(B, Hq, Sq, Sk)
 
@@ -575,13 +575,10 @@ class FlexBackend(Backend):
         before, t0 = st.compiles, time.perf_counter()
         cfg = _compile_config()
         try:
-            # Duck sizing off: equal sizes (Sq == Sk, a row table as long as the keys) get symbols of their
-            # own. With it, torch 2.13's CPU Flex template mis-renames the tile-size symbol in a mask_mod
-            # that indexes such a table (a C++ compile error, "cur_kvSplitSize1").
             with cfg:
                 if inputs.device.type == "cpu":  # inference only: api reruns the exact path for gradients
                     with torch.no_grad():
-                        res = st.fn(*(_detach(a) for a in args))
+                        res = st.fn(*(a.detach() for a in args))
                 else:
                     res = st.fn(*args)
         except Exception as e:  # a compile error: remembered, so auto stops offering this structure
@@ -618,14 +615,6 @@ def _compile_config():
 
     fix_flex_cpu_template_renaming()
     return fx_config.patch(use_duck_shape=False)
-
-
-def _detach(a):
-    if isinstance(a, Tensor):
-        return a.detach()
-    if isinstance(a, tuple):
-        return tuple(_detach(x) for x in a)
-    return a
 
 
 def _cpu_rank(inputs: AttentionInputs) -> float:
